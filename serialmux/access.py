@@ -1,0 +1,100 @@
+"""Who may do what to which VM: identities, actions, roles and the login-name grammar.
+
+The SSH login name selects the VM (as the AWS and Google Cloud serial consoles
+do); the key or certificate selects the person. Options follow the VM name
+after ``+``: ``web-01+ro``, ``web-01+safe``, ``web-01+replay=100``.
+
+Identity never comes from the login name: :class:`Identity` is built by the
+SSH front from the key or certificate that authenticated, and every decision
+here is :func:`allowed` over that identity's :class:`~serialmux.config.Role`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .config import Role, check_name
+
+
+class Action(enum.Enum):
+    """Things a session can ask for, each needing a minimum role."""
+
+    WATCH = Role.READER
+    LOGS = Role.READER
+    STATUS = Role.READER
+    WHO = Role.READER
+    WRITE = Role.CONTRIBUTOR
+    BREAK = Role.CONTRIBUTOR
+    SYSRQ = Role.CONTRIBUTOR
+    NMI = Role.CONTRIBUTOR
+    RESET = Role.CONTRIBUTOR
+    DISABLE = Role.OWNER
+    KICK = Role.OWNER
+
+
+def allowed(role: Role | None, action: Action) -> bool:
+    """Return whether *role* is enough for *action* (None: no grant at all)."""
+    return role is not None and role >= Role(action.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated person on one connection."""
+
+    user: str
+    fingerprint: str
+    peer: str  # "host:port"
+    session_id: str
+    key_id: str | None = None  # certificate key id
+    serial: int | None = None  # certificate serial
+    local: bool = False  # came through the local control socket
+
+    @property
+    def peer_host(self) -> str:
+        """The peer's address without the port."""
+        host = self.peer.rsplit(":", 1)[0] if ":" in self.peer else self.peer
+        return host.strip("[]")
+
+
+DEFAULT_REPLAY = 20
+MAX_REPLAY = 100_000
+
+OPTION_HELP = (
+    "options after '+': ro (watch only), safe (do not take over; refuse if someone is typing), "
+    "replay=N (lines of scrollback shown on attach, default 20, 0 for none)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginRequest:
+    """What a login name asks for."""
+
+    vm: str
+    read_only: bool = False
+    safe: bool = False
+    replay: int = DEFAULT_REPLAY
+    errors: tuple[str, ...] = field(default=())
+
+
+def parse_login(name: str) -> LoginRequest:
+    """Parse ``VM[+option...]``; problems are collected in ``errors``, never raised."""
+    vm, *options = name.split("+")
+    errors: list[str] = []
+    if not check_name(vm):
+        errors.append("not a valid VM name")
+    read_only = safe = False
+    replay = DEFAULT_REPLAY
+    for option in options:
+        key, eq, value = option.partition("=")
+        if option == "ro":
+            read_only = True
+        elif option == "safe":
+            safe = True
+        elif key == "replay" and eq and value.isdigit() and int(value) <= MAX_REPLAY:
+            replay = int(value)
+        else:
+            shown = option if option.isprintable() and len(option) <= 32 else "?"
+            errors.append(f"unknown option {shown!r}; {OPTION_HELP}")
+    return LoginRequest(vm=vm, read_only=read_only, safe=safe, replay=replay,
+                        errors=tuple(errors))

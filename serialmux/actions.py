@@ -1,0 +1,102 @@
+"""Actions on a VM (BREAK, SysRq, NMI, reset): one path for escape keys, commands and the CLI.
+
+Every action is checked against the identity's role, audited (who, VM,
+action, result, QMP error class) and marked in the ring, so the guest's
+answer can be read in context later (``NMI sent by alice``).
+
+What carries each action depends on the port (see docs/operations.md):
+BREAK goes to the port (``tcsendbreak`` on a PTY/tty, ``IAC BRK`` on a telnet
+socket); SysRq uses ``IAC BRK`` + key on a telnet socket, else QMP
+``send-key`` alt+sysrq+KEY, which works whatever the port; NMI and reset
+need QMP.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from .access import Action, Identity, allowed
+from .config import Role
+from .console import Console
+from .errors import AccessDenied, HypervisorError, HypervisorUnavailable, SerialmuxError
+from .escape import Action as Key
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+SYSRQ_KEYS = re.compile(r"[0-9a-z]")
+
+_FROM_ESCAPE = {Key.BREAK: Action.BREAK, Key.NMI: Action.NMI, Key.RESET: Action.RESET,
+                Key.SYSRQ: Action.SYSRQ}
+
+
+def from_escape(key: Key) -> Action:
+    """Map an escape-key action to the access action it needs."""
+    return _FROM_ESCAPE[key]
+
+
+def role_of(daemon: Daemon, identity: Identity, vm: str) -> Role | None:
+    """The role of *identity* on *vm*; local root (control socket) is owner."""
+    if identity.local:
+        return Role.OWNER
+    return daemon.config.role_for(identity.user, vm)
+
+
+async def perform(daemon: Daemon, console: Console, identity: Identity, action: Action,
+                  arg: str | None = None) -> str:
+    """Do *action* on *console* for *identity*; return a one-line result or raise."""
+    audit = {"vm": console.name, "user": identity.user, "session": identity.session_id,
+             "peer": identity.peer, "action": action.name.lower(), "arg": arg}
+    if not allowed(role_of(daemon, identity, console.name), action):
+        daemon.audit.event("command", result="refused", reason="role too low", **audit)
+        raise AccessDenied(f"{action.name.lower()} needs the contributor or owner role",
+                           user=identity.user, vm=console.name)
+    try:
+        text = await _do(console, action, arg)
+    except HypervisorError as exc:
+        daemon.audit.event("command", result="failed", reason=str(exc),
+                           error_class=exc.error_class, **audit)
+        raise
+    except SerialmuxError as exc:
+        daemon.audit.event("command", result="failed", reason=str(exc), **audit)
+        raise
+    daemon.audit.event("command", result="ok", **audit)
+    what = action.name if action is not Action.SYSRQ else f"SysRq {arg}"
+    console.mark("ACTION", f"{what} sent by {identity.user}", user=identity.user,
+                 action=action.name.lower())
+    return text
+
+
+async def _do(console: Console, action: Action, arg: str | None) -> str:
+    from .port import BRK, IAC  # the telnet bytes
+
+    name = console.name
+    hv = console.hypervisor
+    if action is Action.BREAK:
+        problem = await console.port.send_break()
+        if problem:
+            raise SerialmuxError(f"{name}: BREAK not sent: {problem}")
+        return f"BREAK sent to {name}"
+    if action is Action.SYSRQ:
+        if not arg or not SYSRQ_KEYS.fullmatch(arg):
+            raise SerialmuxError("sysrq takes one key: 0-9 or a-z (e.g. 'h' for help)")
+        if console.port.spec.telnet and console.up:
+            await console.port.write_raw(bytes((IAC, BRK)) + arg.encode())
+            return f"SysRq {arg} sent to {name} (BREAK + key on the serial line)"
+        if hv is None:
+            raise HypervisorUnavailable(
+                "SysRq needs a qmp = ... control socket, or a unix+telnet: port", vm=name)
+        await hv.sysrq(arg)
+        return f"SysRq {arg} sent to {name} (QMP send-key)"
+    if hv is None:
+        raise HypervisorUnavailable(
+            f"{action.name} is not available: no qmp = \"unix:...\" configured for this VM",
+            vm=name)
+    if action is Action.NMI:
+        await hv.nmi()
+        return f"NMI sent to {name}"
+    if action is Action.RESET:
+        await hv.reset()
+        return f"{name} reset"
+    raise SerialmuxError(f"{action.name.lower()} is not an action")

@@ -1,0 +1,309 @@
+"""The gateway's own commands, run as SSH exec requests: ``ssh web-01@hv7 nmi``.
+
+Nothing else is executed: there is no shell. Each command checks the role it
+needs, prints a result for people, and exits 0 on success, 1 on failure and 2
+on a usage error, so scripts can rely on the status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import shlex
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import asyncssh
+
+from . import actions
+from .access import Action, Identity, allowed
+from .config import Role
+from .console import Console
+from .errors import SerialmuxError
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+HELP = """\
+commands (ssh -p PORT VM@HOST COMMAND):
+  help                      this list
+  who                       who is attached: the writer and the watchers
+  status                    console state and, with QMP, the VM's run state
+  logs [--lines N] [--boot] [--since WHEN] [--timestamps] [--json] [--raw] [-f]
+                            scrollback from the ring (reader)
+  break                     send a serial BREAK (contributor)
+  sysrq KEY                 Magic SysRq KEY, e.g. 'sysrq h' (contributor)
+  nmi                       inject an NMI (contributor)
+  reset                     hard-reset the VM (contributor)
+  disable [--reason TEXT]   refuse new attaches, close current ones (owner)
+  enable                    allow attaching again (owner)
+  kick [--user USER]        disconnect the writer, or USER's sessions (owner)
+"""
+
+
+class UsageError(SerialmuxError):
+    """A command line could not be parsed."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise UsageError(message or f"{self.prog}: see 'help'")
+
+
+def _parser(name: str) -> _Parser:
+    return _Parser(prog=name, add_help=False, exit_on_error=False)
+
+
+def logs_parser() -> _Parser:
+    """The options of ``logs``, shared with the local CLI's wording."""
+    p = _parser("logs")
+    p.add_argument("-n", "--lines", type=int, default=200)
+    p.add_argument("--boot", action="store_true")
+    p.add_argument("--since")
+    p.add_argument("--timestamps", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--raw", action="store_true")
+    p.add_argument("-f", "--follow", action="store_true")
+    return p
+
+
+class _Out:
+    def __init__(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        self.process = process
+
+    def line(self, text: str) -> None:
+        self.process.stdout.write((text + "\n").encode())
+
+    def err(self, text: str) -> None:
+        self.process.stderr.write(f"serialmux: {text}\n".encode())
+
+
+async def run(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes], console: Console,
+              identity: Identity, role: Role, command_line: str) -> int:
+    """Run *command_line* for *identity* on *console*; return the exit status."""
+    out = _Out(process)
+    try:
+        argv = shlex.split(command_line)
+    except ValueError as exc:
+        out.err(f"cannot parse command: {exc}")
+        return 2
+    name, args = (argv[0], argv[1:]) if argv else ("help", [])
+    handler = _COMMANDS.get(name)
+    base = {"vm": console.name, "user": identity.user, "session": identity.session_id,
+            "peer": identity.peer, "command": name}
+    if handler is None:
+        daemon.audit.event("refused", reason="unknown command", **base)
+        out.err(f"unknown command {name!r}: there is no shell here; try 'help'")
+        return 2
+    try:
+        status: int = await handler(daemon, process, out, console, identity, role, args)
+        return status
+    except UsageError as exc:
+        out.err(str(exc))
+        return 2
+    except SerialmuxError as exc:
+        out.err(str(exc))
+        return 1
+
+
+Handler = Callable[..., Any]
+_COMMANDS: dict[str, Handler] = {}
+
+
+def _command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _COMMANDS[name] = fn
+        return fn
+    return register
+
+
+@_command("help")
+async def _help(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
+                role: Role, args: list[str]) -> int:
+    out.process.stdout.write(HELP.encode())
+    return 0
+
+
+@_command("who")
+async def _who(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
+               role: Role, args: list[str]) -> int:
+    _parser("who").parse_args(args)
+    for line in who_lines(console):
+        out.line(line)
+    return 0
+
+
+def who_lines(console: Console) -> list[str]:
+    """Lines describing who is attached to *console*, writer first."""
+    lines = []
+    for att in console.attachments:
+        mode = "writer " if att is console.writer else "watcher"
+        lines.append(f"{mode} {att.identity.user:<16} from {att.identity.peer_host:<15} "
+                     f"since {att.since_text}")
+    return lines or ["nobody is attached"]
+
+
+@_command("status")
+async def _status(daemon: Daemon, process: Any, out: _Out, console: Console,
+                  identity: Identity, role: Role, args: list[str]) -> int:
+    _parser("status").parse_args(args)
+    state = "up" if console.up else f"down ({console.down_reason})"
+    out.line(f"console: {state} since {console.state_since}")
+    if console.disabled:
+        out.line(f"disabled: {console.disabled}")
+    if console.hypervisor is None:
+        out.line("vm: unknown (no qmp configured: NMI and reset are not available)")
+        return 0
+    out.line(f"vm: {await console.hypervisor.status()}")
+    return 0
+
+
+async def _action(action: Action, daemon: Daemon, out: _Out, console: Console,
+                  identity: Identity, arg: str | None) -> int:
+    out.line(await actions.perform(daemon, console, identity, action, arg))
+    return 0
+
+
+@_command("break")
+async def _break(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
+                 role: Role, args: list[str]) -> int:
+    _parser("break").parse_args(args)
+    return await _action(Action.BREAK, daemon, out, console, identity, None)
+
+
+@_command("nmi")
+async def _nmi(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
+               role: Role, args: list[str]) -> int:
+    _parser("nmi").parse_args(args)
+    return await _action(Action.NMI, daemon, out, console, identity, None)
+
+
+@_command("reset")
+async def _reset(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
+                 role: Role, args: list[str]) -> int:
+    _parser("reset").parse_args(args)
+    return await _action(Action.RESET, daemon, out, console, identity, None)
+
+
+@_command("sysrq")
+async def _sysrq(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
+                 role: Role, args: list[str]) -> int:
+    p = _parser("sysrq")
+    p.add_argument("key")
+    ns = p.parse_args(args)
+    return await _action(Action.SYSRQ, daemon, out, console, identity, ns.key)
+
+
+@_command("disable")
+async def _disable(daemon: Daemon, process: Any, out: _Out, console: Console,
+                   identity: Identity, role: Role, args: list[str]) -> int:
+    p = _parser("disable")
+    p.add_argument("--reason", default="")
+    p.add_argument("--all", action="store_true", help="every VM, not just this one")
+    ns = p.parse_args(args)
+    if not allowed(role, Action.DISABLE):
+        raise SerialmuxError("disable needs the owner role")
+    out.line(daemon.set_disabled(None if ns.all else console.name, ns.reason or "no reason given",
+                                 identity))
+    return 0
+
+
+@_command("enable")
+async def _enable(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
+                  role: Role, args: list[str]) -> int:
+    p = _parser("enable")
+    p.add_argument("--all", action="store_true")
+    ns = p.parse_args(args)
+    if not allowed(role, Action.DISABLE):
+        raise SerialmuxError("enable needs the owner role")
+    out.line(daemon.set_enabled(None if ns.all else console.name, identity))
+    return 0
+
+
+@_command("kick")
+async def _kick(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
+                role: Role, args: list[str]) -> int:
+    p = _parser("kick")
+    p.add_argument("--user")
+    ns = p.parse_args(args)
+    if not allowed(role, Action.KICK):
+        raise SerialmuxError("kick needs the owner role")
+    out.line(daemon.kick(console, ns.user, identity))
+    return 0
+
+
+@_command("logs")
+async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
+                role: Role, args: list[str]) -> int:
+    ns = logs_parser().parse_args(args)
+    if console.ring is None:
+        raise SerialmuxError(f"{console.name} has no scrollback ring")
+    from . import logs
+
+    since = None
+    if ns.since:
+        from datetime import UTC, datetime
+        try:
+            since = logs.parse_since(ns.since, datetime.now(UTC))
+        except ValueError as exc:
+            raise UsageError(f"logs: --since: {exc}") from None
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+    sink = _ChannelFile(process, loop)
+    path = console.ring.path
+
+    def work() -> None:
+        cursor = logs.write_logs(path, sink, lines=None if (ns.since or ns.boot) else ns.lines,
+                                 since=since, boot=ns.boot, timestamps=ns.timestamps,
+                                 as_json=ns.json, raw=ns.raw)
+        if ns.follow:
+            logs.follow_logs(path, sink, cursor, timestamps=ns.timestamps, as_json=ns.json,
+                             raw=ns.raw, stop=stop)
+
+    reader = asyncio.ensure_future(asyncio.to_thread(work))
+    closed = asyncio.ensure_future(process.stdin.read())  # EOF or close ends a follow
+    try:
+        await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        sink.closed_flag = True
+        closed.cancel()
+        with contextlib.suppress(asyncio.CancelledError, BrokenPipeError):
+            await reader
+    return 0
+
+
+class _ChannelFile(io.RawIOBase):
+    """A blocking file for worker threads that writes to an SSH channel with backpressure."""
+
+    def __init__(self, process: asyncssh.SSHServerProcess[bytes],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._process = process
+        self._loop = loop
+        self.closed_flag = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self.closed_flag:
+            raise BrokenPipeError("client went away")
+        chunk = bytes(data)
+
+        async def send() -> None:
+            self._process.stdout.write(chunk)
+            await asyncio.wait_for(self._process.stdout.drain(), 60)
+
+        try:
+            asyncio.run_coroutine_threadsafe(send(), self._loop).result(90)
+        except Exception as exc:
+            self.closed_flag = True
+            raise BrokenPipeError("client went away") from exc
+        return len(chunk)

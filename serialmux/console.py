@@ -1,0 +1,266 @@
+"""One VM's console: port → ring and backlog → the one writer and the watchers.
+
+Data flows one way. :class:`Console` is the :class:`~serialmux.port.PortSink`
+of its port: each chunk the guest prints is appended to the on-disk ring (the
+scrollback, always, whoever is attached) and to a :class:`Backlog`, a bounded
+in-memory window addressed by absolute byte offset. Attached sessions do not
+get a queue each: they hold a cursor (an offset) into the backlog and copy
+from it at their own pace. A session that falls further behind than the
+backlog holds skips ahead and is told how much it missed, so a stalled client
+costs no memory and never slows the VM, the ring or anyone else.
+
+Takeover policy (a physical console): exactly one :class:`Attachment` may
+write. A new writer displaces the old one, who is told who took over, from
+where and when; ``safe`` attachments refuse instead. Watchers are unlimited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .access import Identity
+from .config import VMConfig
+from .errors import AccessDenied
+from .log import Audit, get_logger, utc_now
+from .port import VMPort
+
+if TYPE_CHECKING:
+    from .qmp import Hypervisor
+    from .ring import RingWriter
+
+log = get_logger(__name__)
+
+BACKLOG_SIZE = 256 * 1024
+
+
+class Backlog:
+    """The most recent output of a console, addressed by absolute byte offset."""
+
+    def __init__(self, capacity: int = BACKLOG_SIZE) -> None:
+        self._buf = bytearray(capacity)
+        self._cap = capacity
+        self.end = 0  # offset just past the newest byte
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def start(self) -> int:
+        """The oldest offset still held."""
+        return max(0, self.end - self._cap)
+
+    def append(self, data: bytes) -> None:
+        """Copy *data* into place and wake readers waiting for it."""
+        n = len(data)
+        if n > self._cap:  # only the newest capacity bytes can be kept
+            self.end += n - self._cap
+            data, n = data[-self._cap:], self._cap
+        pos = self.end % self._cap
+        first = min(n, self._cap - pos)
+        self._buf[pos:pos + first] = data[:first]
+        if first < n:
+            self._buf[: n - first] = data[first:]
+        self.end += n
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def read(self, offset: int, limit: int) -> tuple[int, bytes, int]:
+        """Return ``(skipped, data, new_offset)`` for a reader at *offset*."""
+        skipped = 0
+        start = self.start
+        if offset < start:
+            skipped, offset = start - offset, start
+        n = min(limit, self.end - offset)
+        if n <= 0:
+            return skipped, b"", offset
+        pos = offset % self._cap
+        first = min(n, self._cap - pos)
+        data = bytes(self._buf[pos:pos + first])
+        if first < n:
+            data += self._buf[: n - first]
+        return skipped, data, offset + n
+
+    async def wait_beyond(self, offset: int) -> None:
+        """Return once there is data past *offset* (one shared future for all readers)."""
+        while self.end <= offset:
+            if self._waiter is None or self._waiter.done():
+                self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._waiter)
+
+
+@dataclass(eq=False)
+class Attachment:
+    """One session attached to a console, writing or watching."""
+
+    identity: Identity
+    writer: bool
+    safe: bool = False
+    since: float = field(default_factory=time.time)
+    since_text: str = field(default_factory=utc_now)
+    # Called by the console in the loop thread: a one-line notice, in order with
+    # output at the given backlog offset.
+    on_notice: Callable[[int, str], None] = lambda offset, text: None
+    # Called when a new writer displaces this one; the session closes.
+    on_displaced: Callable[[str], None] = lambda text: None
+    on_closed: Callable[[str], None] = lambda text: None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    last_input: float = field(default_factory=time.monotonic)
+
+
+class ConsoleBusy(AccessDenied):
+    """A ``safe`` attach found someone else typing."""
+
+
+class Console:
+    """One VM's console: owns its port, ring, backlog and attachments."""
+
+    def __init__(self, vm: VMConfig, *, audit: Audit, ring: RingWriter | None = None) -> None:
+        self.vm = vm
+        self.name = vm.name
+        self.audit = audit
+        self.ring = ring
+        self.backlog = Backlog()
+        self.port = VMPort(vm, self)
+        self.up = False
+        self.state_since = utc_now()
+        self.writer: Attachment | None = None
+        self.watchers: set[Attachment] = set()
+        self.bytes_read = 0
+        self.down_reason: str | None = "not opened yet"
+        self.hypervisor: Hypervisor | None = None
+        self.disabled: str | None = None  # reason, when disabled
+        self._tasks: asyncio.TaskGroup | None = None
+
+    # -- PortSink ---------------------------------------------------------------
+
+    def port_data(self, data: bytes) -> None:
+        """Guest output: to the ring first (the record), then to the live backlog."""
+        self.bytes_read += len(data)
+        if self.ring is not None:
+            self.ring.append(data)
+        self.backlog.append(data)
+
+    def port_up(self, description: str) -> None:
+        """The port opened: mark it and tell everyone attached."""
+        self.up = True
+        self.down_reason = None
+        self.state_since = utc_now()
+        self._marker("VM_UP", f"console up ({description})")
+        self.notice(f"{self.name} console is up")
+
+    def port_down(self, reason: str) -> None:
+        """The port was lost: mark it and tell everyone attached."""
+        self.up = False
+        self.down_reason = reason
+        self.state_since = utc_now()
+        self._marker("VM_DOWN", f"console down: {reason}")
+        self.notice(f"{self.name} console is down ({reason}); waiting for it to come back")
+
+    # -- attachments ------------------------------------------------------------
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        """The writer (if any) first, then the watchers."""
+        return ([self.writer] if self.writer else []) + sorted(
+            self.watchers, key=lambda a: a.since)
+
+    def attach(self, att: Attachment) -> None:
+        """Attach *att*; a writer displaces the current one unless *att* is ``safe``.
+
+        Raises :class:`ConsoleBusy` for a ``safe`` writer when the console is held.
+        """
+        if not att.writer:
+            self.watchers.add(att)
+            self._marker("ATTACH", f"{att.identity.user} attached read-only",
+                         user=att.identity.user)
+            return
+        old = self.writer
+        if old is not None and att.safe:
+            raise ConsoleBusy(
+                f"console {self.name} is held by {old.identity.user} from "
+                f"{old.identity.peer_host} since {old.since_text}; not taking over (+safe)",
+                user=att.identity.user, vm=self.name)
+        self.writer = att
+        if old is None:
+            self._marker("ATTACH", f"{att.identity.user} attached", user=att.identity.user)
+            return
+        text = (f"console taken over by {att.identity.user} from {att.identity.peer_host} "
+                f"at {utc_now()}")
+        self._marker("TAKEOVER", f"{att.identity.user} took over from {old.identity.user}",
+                     user=att.identity.user, previous=old.identity.user)
+        self.audit.event("takeover", vm=self.name, user=att.identity.user,
+                         session=att.identity.session_id, peer=att.identity.peer,
+                         previous_user=old.identity.user,
+                         previous_session=old.identity.session_id, result="ok")
+        self._writer_left(old, "displaced")
+        old.on_displaced(text)
+
+    def detach(self, att: Attachment, reason: str = "detached") -> None:
+        """Remove *att*; sends ``on_detach`` to the guest if it was the writer."""
+        if att is self.writer:
+            self.writer = None
+            self._marker("DETACH", f"{att.identity.user} detached ({reason})",
+                         user=att.identity.user)
+            self._writer_left(att, reason)
+        elif att in self.watchers:
+            self.watchers.discard(att)
+            self._marker("DETACH", f"{att.identity.user} detached ({reason})",
+                         user=att.identity.user)
+
+    def _writer_left(self, att: Attachment, reason: str) -> None:
+        data = self.vm.on_detach
+        if not data:
+            return
+        self._marker("ACTION", f"on_detach sent after {att.identity.user} left ({reason})",
+                     user=att.identity.user, action="on_detach")
+        self.audit.event("on_detach", vm=self.name, user=att.identity.user,
+                         session=att.identity.session_id, reason=reason, result="ok")
+        if self._tasks is not None:
+            self._tasks.create_task(self.port.write(data))
+
+    def notice(self, text: str) -> None:
+        """Tell every attached session a one-line notice, in order with output."""
+        offset = self.backlog.end
+        for att in self.attachments:
+            att.on_notice(offset, text)
+
+    def close_all(self, text: str) -> None:
+        """Tell every attached session *text* and close it (shutdown, disable)."""
+        for att in self.attachments:
+            att.on_closed(text)
+
+    async def write(self, att: Attachment, data: bytes) -> bool:
+        """Write *data* typed by *att* to the guest; False if *att* may not or the port is down."""
+        if att is not self.writer:
+            return False
+        att.bytes_in += len(data)
+        att.last_input = time.monotonic()
+        return await self.port.write(data)
+
+    def _marker(self, kind: str, text: str, **fields: Any) -> None:
+        if self.ring is None:
+            return
+        from .ring import RecordKind
+
+        with contextlib.suppress(OSError):
+            self.ring.marker(RecordKind[kind], text, **fields)
+
+    def mark(self, kind: str, text: str, **fields: Any) -> None:
+        """Leave a marker in the ring (actions, hypervisor events)."""
+        self._marker(kind, text, **fields)
+
+    async def run(self) -> None:
+        """Keep the port open until cancelled; owns the console's small tasks."""
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            try:
+                await self.port.run()
+            finally:
+                self._tasks = None

@@ -1,0 +1,406 @@
+"""The daemon: owns every task, the consoles, the listeners, signals and shutdown.
+
+``Daemon(config).serve()`` is a coroutine that tests await directly, as the
+CLI does through :func:`run`. Start-up: state directory → rings → consoles
+(each port tried once) → SSH listeners bound → ``READY=1``. Shutdown order
+(uvicorn's): stop accepting → tell clients → bounded wait for sessions →
+cancel with a reason → close ports → mark and sync the rings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from . import session as session_mod
+from .access import Identity
+from .config import Config, VMConfig
+from .console import Console
+from .errors import SerialmuxError
+from .log import Audit, get_logger, utc_now
+from .ring import SYNC_INTERVAL, RecordKind, RingReader, RingWriter, Skipped
+from .sdnotify import Notifier
+from .sshd import start_listeners
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = get_logger(__name__)
+
+SHUTDOWN_GRACE = 5.0
+PORT_TRY_TIMEOUT = 5.0
+REPLAY_BATCH = 64 * 1024
+
+
+class _Stop(Exception):
+    """Raised inside the daemon's TaskGroup to begin the ordered shutdown."""
+
+
+class Daemon:
+    """A running serialmux: consoles, listeners and sessions under one TaskGroup."""
+
+    def __init__(self, config: Config, *, audit: Audit | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.audit = audit or Audit(config.server.audit_file)
+        self.notifier = notifier or Notifier()
+        self.consoles: dict[str, Console] = {}
+        self.sessions: set[Session] = set()
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
+        self.acceptors: list[asyncssh.SSHAcceptor] = []
+        self.addresses: list[tuple[str, int]] = []
+        self.started = time.time()
+        self.disabled_all: str | None = None
+        self._ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._console_tasks: dict[str, asyncio.Task[None]] = {}
+
+    # -- public ------------------------------------------------------------------
+
+    @property
+    def ring_dir(self) -> Path:
+        """Where the rings live."""
+        return self.config.server.state_dir / "rings"
+
+    def ring_path(self, vm: str) -> Path:
+        """The ring file of *vm* (a name already checked by the config)."""
+        return self.ring_dir / f"{vm}.ring"
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        """Return once every listener is bound and every port tried."""
+        async with asyncio.timeout(timeout):
+            await self._ready.wait()
+
+    def stop(self) -> None:
+        """Begin the ordered shutdown (signal handlers and tests call this)."""
+        self._stop.set()
+
+    @property
+    def ssh_port(self) -> int:
+        """The first bound SSH port (useful with port 0)."""
+        return self.addresses[0][1]
+
+    # -- serve -------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run until :meth:`stop` (or SIGTERM/SIGINT); start-up errors raise."""
+        server = self.config.server
+        for d in (server.state_dir, self.ring_dir):
+            d.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self._load_disabled()
+        self._install_signals()
+        self.notifier.status("starting")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
+                for vm in self.config.vms.values():
+                    self._add_console(vm)
+                await self._wait_ports_tried()
+                self.acceptors = await start_listeners(
+                    self, lambda process: session_mod.handle(self, process))
+                self.addresses = [
+                    sock.getsockname()[:2] for a in self.acceptors for sock in a.sockets]
+                tg.create_task(self._sync_rings())
+                tg.create_task(self.notifier.watchdog_loop())
+                self._ready.set()
+                summary = self.summary()
+                self.notifier.ready(summary)
+                log.info("ready", listen=[f"{h}:{p}" for h, p in self.addresses],
+                         consoles=len(self.consoles), status=summary)
+                self.audit.event("daemon_start", result="ok",
+                                 listen=",".join(f"{h}:{p}" for h, p in self.addresses))
+                await self._stop.wait()
+                await self._shutdown()
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            self._tasks = None
+            self._remove_signals()
+            self._close_rings()
+            self.audit.event("daemon_stop", result="ok")
+
+    def summary(self) -> str:
+        """A one-line status for systemd and ``serialmux status``."""
+        up = sum(1 for c in self.consoles.values() if c.up)
+        return (f"{up}/{len(self.consoles)} consoles up, {len(self.sessions)} sessions"
+                + (", disabled" if self.disabled_all else ""))
+
+    async def _wait_ports_tried(self) -> None:
+        waits = [c.port.tried.wait() for c in self.consoles.values()]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PORT_TRY_TIMEOUT):
+                    await asyncio.gather(*waits)
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("stopping", sessions=len(self.sessions))
+        for acceptor in self.acceptors:
+            acceptor.close()
+        for console in self.consoles.values():
+            console.close_all("serialmux is shutting down")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SHUTDOWN_GRACE):
+                await self._no_sessions.wait()
+        for acceptor in self.acceptors:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_GRACE):
+                    await acceptor.wait_closed()
+
+    def session_started(self, session: Session) -> None:
+        """Track an attached session (for shutdown and status)."""
+        self.sessions.add(session)
+        self._no_sessions.clear()
+
+    def session_ended(self, session: Session) -> None:
+        """Forget a session; wakes the shutdown when it was the last."""
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._no_sessions.set()
+
+    # -- consoles ------------------------------------------------------------------
+
+    def _add_console(self, vm: VMConfig) -> Console:
+        assert self._tasks is not None
+        ring = self._open_ring(vm)
+        console = Console(vm, audit=self.audit, ring=ring)
+        if vm.name in self._disabled_vms:
+            console.disabled = self._disabled_vms[vm.name]
+        if vm.qmp:
+            self._add_hypervisor(console, vm.qmp)
+        self.consoles[vm.name] = console
+        self._console_tasks[vm.name] = self._tasks.create_task(console.run())
+        return console
+
+    def _add_hypervisor(self, console: Console, address: str) -> None:
+        from .qmp import Hypervisor
+
+        assert self._tasks is not None
+
+        def on_event(name: str, data: dict[str, Any]) -> None:
+            self._vm_event(console, name, data)
+
+        hv = Hypervisor(console.name, address, on_event=on_event)
+        console.hypervisor = hv
+        label = console.vm.port.path
+
+        async def resolve() -> str | None:
+            if not await hv.wait_connected(2.0):
+                return None
+            return await hv.chardev_pty(label)
+
+        console.port.set_pty_resolver(resolve)
+        self._tasks.create_task(hv.run())
+
+    def _vm_event(self, console: Console, name: str, data: dict[str, Any]) -> None:
+        text = {"RESET": "VM reset", "SHUTDOWN": "VM shut down", "STOP": "VM paused",
+                "RESUME": "VM resumed", "POWERDOWN": "VM asked to power down",
+                "GUEST_PANICKED": "guest panicked"}.get(name, f"VM event {name}")
+        reason = data.get("reason") if isinstance(data, dict) else None
+        console.mark("VM_EVENT", text + (f" ({reason})" if reason else ""), event=name)
+        console.notice(text)
+        if name in ("RESET", "RESUME"):
+            console.port.retry_now()
+
+    def _open_ring(self, vm: VMConfig) -> RingWriter | None:
+        path = self.ring_path(vm.name)
+        try:
+            ring = RingWriter.open(path, vm.ring_size)
+        except (SerialmuxError, OSError) as exc:
+            log.error("ring_unusable", vm=vm.name, path=str(path), error=str(exc))
+            return None
+        if ring.recovered_from is not None:
+            log.warning("ring_moved_aside", vm=vm.name, path=str(path),
+                        moved_to=str(ring.recovered_from))
+            self.audit.event("ring_recovered", vm=vm.name, reason="unreadable ring moved aside",
+                             path=str(ring.recovered_from))
+        ring.marker(RecordKind.DAEMON_START, "serialmux started")
+        return ring
+
+    def _close_rings(self) -> None:
+        for console in self.consoles.values():
+            if console.ring is not None:
+                with contextlib.suppress(OSError):
+                    console.ring.marker(RecordKind.DAEMON_STOP, "serialmux stopped")
+                    console.ring.close()
+                console.ring = None
+
+    async def _sync_rings(self) -> None:
+        """Checkpoint and fdatasync the rings that changed, every SYNC_INTERVAL."""
+        last: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL)
+            dirty = []
+            for name, console in self.consoles.items():
+                ring = console.ring
+                if ring is not None and last.get(name) != ring.next_seq:
+                    last[name] = ring.next_seq
+                    ring.checkpoint()
+                    dirty.append(ring)
+            if dirty:
+                await asyncio.to_thread(_fdatasync_all, dirty)
+
+    # -- replay --------------------------------------------------------------------
+
+    def replay_start(self, console: Console, lines: int) -> tuple[int, int] | None:
+        """Fix the replay window at attach time: (first seq, end seq), or None."""
+        if console.ring is None:
+            return None
+        until = console.ring.next_seq
+        try:
+            reader = RingReader(console.ring.path)
+        except (SerialmuxError, OSError):
+            return None
+        try:
+            return reader.tail_from_lines(lines, until_seq=until), until
+        finally:
+            reader.close()
+
+    async def replay(self, console: Console, window: tuple[int, int],
+                     write: Callable[[bytes], Awaitable[None]]) -> None:
+        """Stream the window's guest output from the ring, in batches with backpressure."""
+        if console.ring is None:
+            return
+        first, until = window
+        reader = RingReader(console.ring.path)
+        batch = bytearray()
+        try:
+            for record in reader.records(first, until_seq=until):
+                if isinstance(record, Skipped):
+                    continue
+                if record.kind is RecordKind.OUTPUT:
+                    batch += record.payload
+                if len(batch) >= REPLAY_BATCH:
+                    await write(bytes(batch))
+                    batch.clear()
+            if batch:
+                await write(bytes(batch))
+        finally:
+            reader.close()
+
+    # -- enable / disable / kick -----------------------------------------------------
+
+    @property
+    def _disabled_file(self) -> Path:
+        return self.config.server.state_dir / "disabled.json"
+
+    def _load_disabled(self) -> None:
+        self._disabled_vms: dict[str, str] = {}
+        try:
+            data = json.loads(self._disabled_file.read_text())
+        except FileNotFoundError:
+            data = {}
+        except (OSError, ValueError) as exc:
+            log.error("disabled_state_unreadable", path=str(self._disabled_file), error=str(exc))
+            data = {}
+        self.disabled_all = data.get("all")
+        self._disabled_vms = dict(data.get("vms", {}))
+        if not self.config.server.enabled:
+            self.disabled_all = self.disabled_all or "disabled in the configuration"
+
+    def _save_disabled(self) -> None:
+        data = {"all": self.disabled_all,
+                "vms": {n: c.disabled for n, c in self.consoles.items() if c.disabled}}
+        tmp = self._disabled_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self._disabled_file)
+
+    def refusal(self, console: Console) -> str | None:
+        """Why attaching to *console* is refused now, or None."""
+        if self.disabled_all:
+            return f"serialmux is disabled for all VMs: {self.disabled_all}"
+        if console.disabled:
+            return f"console {console.name} is disabled: {console.disabled}"
+        return None
+
+    def set_disabled(self, vm: str | None, reason: str, who: Identity) -> str:
+        """Disable one VM (or all), persist it, and close the sessions attached."""
+        text = f"{reason} (by {who.user} at {utc_now()})"
+        targets = list(self.consoles.values()) if vm is None else [self.consoles[vm]]
+        if vm is None:
+            self.disabled_all = text
+        else:
+            targets[0].disabled = text
+        self._save_disabled()
+        self.audit.event("disable", vm=vm or "*", user=who.user, session=who.session_id,
+                         peer=who.peer, reason=reason, result="ok")
+        for console in targets:
+            console.mark("ACTION", f"disabled by {who.user}: {reason}", user=who.user,
+                         action="disable")
+            console.close_all(f"console disabled by {who.user}: {reason}")
+        return f"disabled {vm or 'all VMs'}: {reason}"
+
+    def set_enabled(self, vm: str | None, who: Identity) -> str:
+        """Enable one VM (or all) again."""
+        if vm is None:
+            self.disabled_all = None if self.config.server.enabled else self.disabled_all
+        else:
+            self.consoles[vm].disabled = None
+        self._save_disabled()
+        self.audit.event("enable", vm=vm or "*", user=who.user, session=who.session_id,
+                         peer=who.peer, result="ok")
+        return f"enabled {vm or 'all VMs'}"
+
+    def kick(self, console: Console, user: str | None, who: Identity) -> str:
+        """Disconnect the writer of *console*, or every session of *user* on it."""
+        victims = [a for a in console.attachments
+                   if (a.identity.user == user if user else a is console.writer)]
+        for att in victims:
+            att.on_closed(f"disconnected by {who.user}")
+        self.audit.event("kick", vm=console.name, user=who.user, session=who.session_id,
+                         peer=who.peer, target=user or "writer", count=len(victims), result="ok")
+        return f"disconnected {len(victims)} session(s)"
+
+    # -- signals -------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._signals: list[int] = []
+        for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
+                             (signal.SIGUSR1, self.audit.reopen)):
+            try:
+                loop.add_signal_handler(sig, handler)
+            except (ValueError, RuntimeError, NotImplementedError):
+                continue  # not the main thread (tests run several daemons)
+            self._signals.append(sig)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in getattr(self, "_signals", []):
+            loop.remove_signal_handler(sig)
+
+
+def _fdatasync_all(rings: list[RingWriter]) -> None:
+    for ring in rings:
+        with contextlib.suppress(OSError, ValueError):
+            ring.fdatasync()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The loop factory: uvloop when installed, else asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(coro_factory: Callable[[], Awaitable[None]]) -> None:
+    """Run a coroutine on uvloop (falling back to asyncio), as the CLI does."""
+    async def main() -> None:
+        await coro_factory()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(main())

@@ -1,0 +1,133 @@
+"""Logging and audit, configured once.
+
+Operational logs go through structlog: JSON lines when stdout is not a
+terminal (journald, files), a readable rendering on a terminal. asyncssh's
+stdlib records are rendered the same way through ``ProcessorFormatter``.
+
+Audit events (:class:`Audit`) are a separate, stable stream: one JSON object
+per event with ``id`` (unique), ``index`` (increasing in this process),
+``time`` (UTC), ``event`` and the facts of the event. They go to the daemon's
+log and, when configured, to an audit file reopened on SIGUSR1 for rotation.
+Console bytes never appear in either; strings that come from users are
+escaped and length-capped by :func:`clean`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import sys
+import threading
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+MAX_FIELD = 200  # characters kept of any user-supplied string
+
+
+def clean(value: object, limit: int = MAX_FIELD) -> object:
+    """Escape control characters in user-supplied strings and cap their length."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="backslashreplace")
+    if not isinstance(value, str):
+        return value
+    out = value.encode("unicode_escape").decode("ascii") if not value.isprintable() else value
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+def utc_now() -> str:
+    """Return the current UTC time as ISO 8601 with milliseconds and a ``Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def configure(level: str = "info", *, stream: TextIO | None = None, json_logs: bool | None = None
+              ) -> None:
+    """Set up structlog and the stdlib root logger (asyncssh) to render alike."""
+    stream = stream or sys.stdout
+    if json_logs is None:
+        json_logs = not stream.isatty()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any = (structlog.processors.JSONRenderer() if json_logs
+                     else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # asyncssh logs every packet-level step at INFO; keep its warnings only.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> Any:
+    """Return a structlog logger for *name*."""
+    return structlog.get_logger(name)
+
+
+class Audit:
+    """The audit trail: one JSON object per event, to the log and an optional file."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._path = path
+        self._file: TextIO | None = None
+        self._index = itertools.count(1)
+        self._lock = threading.Lock()
+        self._log = structlog.get_logger("serialmux.audit")
+        self.listeners: list[Any] = []  # callables taking the event dict (tests, control socket)
+        if path is not None:
+            self.reopen()
+
+    def reopen(self) -> None:
+        """(Re)open the audit file, e.g. after logrotate moved it (SIGUSR1)."""
+        if self._path is None:
+            return
+        with self._lock:
+            old = self._file
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+            self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+            if old is not None:
+                old.close()
+
+    def event(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Record one audit event and return it."""
+        record: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "index": next(self._index),
+            "time": utc_now(),
+            "event": event,
+        }
+        for key, value in fields.items():
+            if value is not None:
+                record[key] = clean(value)
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=True)
+        self._log.info(event, audit=True, **{k: v for k, v in record.items() if k != "event"})
+        with self._lock:
+            if self._file is not None:
+                self._file.write(line + "\n")
+        for listener in self.listeners:
+            listener(record)
+        return record
+
+    def close(self) -> None:
+        """Close the audit file."""
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

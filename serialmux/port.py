@@ -1,0 +1,328 @@
+"""A VM's serial port: opened at start, read continuously, reopened with capped backoff.
+
+:class:`VMPort` owns the connection to one VM's COM1, whatever carries it:
+
+* ``pty:`` / ``tty:`` through pyserial-asyncio-fast, raw 8N1 at the configured baud;
+* ``unix:`` / ``tcp:`` as an asyncio client connection (QEMU ``-chardev socket,server=on``);
+* ``listen:unix:`` as a server QEMU connects to (``server=off,reconnect=1``): the
+  daemon owns the listener, so no output is lost to a race with other clients;
+* ``+telnet`` framing for QEMU chardevs with ``telnet=on`` (0xFF escaped both
+  ways, ``IAC BRK`` for a serial BREAK, which QEMU turns into a real one);
+* ``qmp:LABEL``: the PTY path is asked of QEMU each time the port is opened.
+
+Bytes flow one way out of here: every chunk read is handed to the
+:class:`PortSink` (the console) in the event loop thread, as large as the OS
+gave it. When the VM goes away (EOF, EIO, refused, path gone) the sink hears
+``port_down`` once, and the port is retried with capped exponential backoff;
+``port_up`` follows when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import termios
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import serial
+import serial_asyncio_fast
+
+from .config import PortKind, PortSpec, VMConfig
+from .log import get_logger
+
+log = get_logger(__name__)
+
+READ_SIZE = 64 * 1024  # pyserial-asyncio-fast reads 1 KiB by default; take what the port has
+WRITE_HIGH_WATER = 64 * 1024
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+STABLE_AFTER = 2.0  # an open that lasted this long resets the backoff
+BREAK_SECONDS = 0.25
+
+IAC, BRK, SB, SE = 0xFF, 0xF3, 0xFA, 0xF0
+WILL, WONT, DO, DONT = 0xFB, 0xFC, 0xFD, 0xFE
+
+
+class PortSink(Protocol):
+    """Who hears what the port reads (the console). Called in the event loop thread."""
+
+    def port_data(self, data: bytes) -> None:
+        """Bytes the guest printed, in order; never empty."""
+
+    def port_up(self, description: str) -> None:
+        """The port was opened (again)."""
+
+    def port_down(self, reason: str) -> None:
+        """The port was lost; it will be retried."""
+
+
+class TelnetDecoder:
+    """Strip telnet commands from a byte stream, keeping state across chunks."""
+
+    def __init__(self) -> None:
+        self._state = 0  # 0 data, 1 after IAC, 2 after WILL/WONT/DO/DONT, 3 in SB, 4 SB+IAC
+
+    def feed(self, data: bytes) -> bytes:
+        """Return the data bytes of *data*, telnet framing removed."""
+        if self._state == 0 and IAC not in data:
+            return data
+        out = bytearray()
+        for byte in data:
+            state = self._state
+            if state == 0:
+                if byte == IAC:
+                    self._state = 1
+                else:
+                    out.append(byte)
+            elif state == 1:
+                if byte == IAC:
+                    out.append(IAC)
+                    self._state = 0
+                elif byte in (WILL, WONT, DO, DONT):
+                    self._state = 2
+                elif byte == SB:
+                    self._state = 3
+                else:
+                    self._state = 0
+            elif state == 2:
+                self._state = 0
+            elif state == 3:
+                if byte == IAC:
+                    self._state = 4
+            else:
+                self._state = 0 if byte == SE else 3
+        return bytes(out)
+
+
+def telnet_encode(data: bytes) -> bytes:
+    """Escape 0xFF as ``IAC IAC`` for a telnet-framed port."""
+    return data.replace(b"\xff", b"\xff\xff") if IAC in data else data
+
+
+class _PortProtocol(asyncio.Protocol):
+    """asyncio protocol between a transport and the :class:`VMPort`."""
+
+    def __init__(self, port: VMPort) -> None:
+        self._port = port
+        self._decoder = TelnetDecoder() if port.spec.telnet else None
+        self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._decoder is not None:
+            data = self._decoder.feed(data)
+            if not data:
+                return
+        self._port.sink.port_data(data)
+
+    def eof_received(self) -> bool | None:
+        self._finish("end of file")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(_describe(exc) if exc else "closed")
+        self._can_write.set()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    async def wait_writable(self) -> None:
+        await self._can_write.wait()
+
+    def _finish(self, reason: str) -> None:
+        if not self.closed.done():
+            self.closed.set_result(reason)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+class VMPort:
+    """One VM's serial port, kept open for the life of the console."""
+
+    def __init__(
+        self,
+        vm: VMConfig,
+        sink: PortSink,
+        *,
+        resolve_pty: Callable[[], Awaitable[str | None]] | None = None,
+    ) -> None:
+        self.vm = vm
+        self.spec: PortSpec = vm.port
+        self.sink = sink
+        self._resolve_pty = resolve_pty
+        self._protocol: _PortProtocol | None = None
+        self._retry_now = asyncio.Event()
+        self.tried = asyncio.Event()  # set after the first open attempt, success or not
+        self.description = str(self.spec)
+        self.last_error: str | None = None
+
+    def set_pty_resolver(self, resolve: Callable[[], Awaitable[str | None]]) -> None:
+        """Give a ``qmp:`` port the function that asks QEMU for its PTY path."""
+        self._resolve_pty = resolve
+
+    @property
+    def up(self) -> bool:
+        """Whether the port is open now."""
+        return self._protocol is not None and not self._protocol.closed.done()
+
+    def retry_now(self) -> None:
+        """Skip the current backoff wait (e.g. the hypervisor says the VM started)."""
+        self._retry_now.set()
+
+    async def run(self) -> None:
+        """Open, read until lost, back off, repeat; until cancelled."""
+        backoff = BACKOFF_FIRST
+        loop = asyncio.get_running_loop()
+        if self.spec.kind is PortKind.LISTEN_UNIX:
+            await self._serve_listen()
+            return
+        while True:
+            started = loop.time()
+            try:
+                protocol = await self._open()
+            except (OSError, serial.SerialException, _NotReady) as exc:
+                reason = _describe(exc)
+                if reason != self.last_error:
+                    log.info("port_open_failed", vm=self.vm.name, port=self.description,
+                             reason=reason)
+                self.last_error = reason
+                self.tried.set()
+            else:
+                self.tried.set()
+                self.last_error = None
+                self._protocol = protocol
+                self.sink.port_up(self.description)
+                try:
+                    reason = await protocol.closed
+                finally:
+                    self._protocol = None
+                    if protocol.transport is not None:
+                        protocol.transport.close()
+                self.sink.port_down(reason)
+                log.info("port_lost", vm=self.vm.name, port=self.description, reason=reason)
+                if loop.time() - started >= STABLE_AFTER:
+                    backoff = BACKOFF_FIRST
+            self._retry_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_now.wait(), backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _open(self) -> _PortProtocol:
+        loop = asyncio.get_running_loop()
+        spec = self.spec
+        protocol = _PortProtocol(self)
+        if spec.kind in (PortKind.PTY, PortKind.TTY, PortKind.QMP):
+            path = spec.path
+            if spec.kind is PortKind.QMP:
+                if self._resolve_pty is None:
+                    raise _NotReady("no QMP connection to ask for the chardev")
+                resolved = await self._resolve_pty()
+                if resolved is None:
+                    raise _NotReady(f"QEMU has no PTY for chardev {spec.path!r} (not running?)")
+                path = resolved
+                self.description = f"qmp:{spec.path} ({path})"
+            if not os.path.exists(path):
+                raise FileNotFoundError(errno.ENOENT, "no such device", path)
+            transport, _ = await serial_asyncio_fast.create_serial_connection(
+                loop, lambda: protocol, path, baudrate=self.vm.baud, bytesize=8, parity="N",
+                stopbits=1, xonxoff=False, rtscts=False, dsrdtr=False,
+            )
+            # The transport reads 1 KiB at a time unless told; reads should be as
+            # large as the port gives (private attribute, pinned by our tests).
+            transport._max_read_size = READ_SIZE
+        elif spec.kind is PortKind.UNIX:
+            await loop.create_unix_connection(lambda: protocol, spec.path)
+        elif spec.kind is PortKind.TCP:
+            await loop.create_connection(lambda: protocol, spec.host, spec.port)
+        else:  # pragma: no cover - LISTEN_UNIX is served by _serve_listen
+            raise AssertionError(spec.kind)
+        return protocol
+
+    async def _serve_listen(self) -> None:
+        """Own a listening socket; each QEMU connection replaces the previous one."""
+        loop = asyncio.get_running_loop()
+        path = self.spec.path
+        if os.path.lexists(path) and not os.path.isdir(path):
+            os.unlink(path)
+        arrivals: asyncio.Queue[_PortProtocol] = asyncio.Queue()
+
+        def factory() -> _PortProtocol:
+            if self._protocol is not None and self._protocol.transport is not None:
+                self._protocol.transport.close()  # the newest connection wins
+            protocol = _PortProtocol(self)
+            arrivals.put_nowait(protocol)
+            return protocol
+
+        server = await loop.create_unix_server(factory, path)
+        self.tried.set()
+        try:
+            while True:
+                protocol = await arrivals.get()
+                self._protocol = protocol
+                self.sink.port_up(f"{self.description} (QEMU connected)")
+                try:
+                    reason = await protocol.closed
+                finally:
+                    self._protocol = None
+                self.sink.port_down(reason)
+        finally:
+            server.close()
+            while not arrivals.empty():
+                leftover = arrivals.get_nowait()
+                if leftover.transport is not None:
+                    leftover.transport.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def write(self, data: bytes) -> bool:
+        """Send *data* to the guest; wait while the port's buffer is full. False if down."""
+        return await self.write_raw(telnet_encode(data) if self.spec.telnet else data)
+
+    async def write_raw(self, data: bytes) -> bool:
+        """Send *data* as is (telnet commands included); False if the port is down."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.closed.done():
+            return False
+        transport: Any = protocol.transport
+        transport.write(data)
+        await protocol.wait_writable()
+        return True
+
+    async def send_break(self) -> str | None:
+        """Send a serial BREAK; return None on success or a reason it was not possible."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None:
+            return "the console is down"
+        transport: Any = protocol.transport
+        if self.spec.telnet:
+            transport.write(bytes((IAC, BRK)))
+            return None
+        if self.spec.kind in (PortKind.PTY, PortKind.TTY, PortKind.QMP):
+            fd = transport.serial.fd
+            try:
+                await asyncio.to_thread(termios.tcsendbreak, fd, 0)
+            except termios.error as exc:
+                return f"tcsendbreak failed: {exc}"
+            return None
+        return ("a plain socket port cannot carry a BREAK; use a unix+telnet: port "
+                "(QEMU telnet=on) or SysRq through QMP")
+
+
+class _NotReady(Exception):
+    """The port cannot be opened yet (e.g. QEMU has no PTY for the chardev)."""

@@ -1,0 +1,329 @@
+"""One SSH session: routed to a console (shell, ``console`` subsystem) or a command (exec).
+
+:func:`handle` is asyncssh's ``process_factory``: it runs once per session
+channel, after authentication. It checks the grant, then either runs one of
+the gateway's own commands (:mod:`serialmux.commands`) or attaches to the
+VM's console with two pumps owned by a TaskGroup:
+
+* out: console backlog → client. The pump holds a cursor into the backlog,
+  copies what is there, writes and drains with a bounded wait. A client that
+  falls behind skips ahead with ``[serialmux: N bytes skipped; see logs]``;
+  one that stalls longer than ``stall_timeout`` is disconnected.
+* in: client → escape parser → console. An SSH ``break`` request (OpenSSH
+  ``~B``) arrives as ``BreakReceived`` and becomes a serial BREAK.
+
+Interactive sessions (a PTY was requested) get notices inline on stdout and
+the ``Ctrl-]`` escape; the ``console`` subsystem is byte-transparent both ways
+and gets notices on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from . import actions, commands
+from .access import Action, Identity, LoginRequest, allowed, parse_login
+from .console import Attachment, Console, ConsoleBusy
+from .errors import SerialmuxError
+from .escape import HELP_TEXT, Cancelled, Command, Confirm, EscapeParser, Unknown
+from .escape import Action as Key
+from .log import get_logger
+from .sshd import server_of
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = get_logger(__name__)
+
+CHUNK = 256 * 1024
+DENIED = "access denied: no grant for this VM, or no such VM"
+
+
+class _Over(Exception):
+    """Raised inside the session's TaskGroup to end it."""
+
+
+async def handle(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes]) -> None:
+    """Serve one SSH session channel; runs after successful authentication."""
+    server = server_of(process)
+    identity = server.identity
+    if identity is None:  # pragma: no cover - asyncssh only calls us after auth
+        process.exit(1)
+        return
+    request = parse_login(process.get_extra_info("username") or "")
+    status = 1
+    try:
+        status = await _route(daemon, process, identity, request, server.writable)
+    except SerialmuxError as exc:
+        _error(process, str(exc))
+    except (asyncssh.DisconnectError, asyncssh.ConnectionLost, BrokenPipeError,
+            ConnectionError):
+        return
+    with contextlib.suppress(OSError, asyncssh.Error):
+        process.exit(status)
+
+
+def _error(process: asyncssh.SSHServerProcess[bytes], text: str) -> None:
+    line = f"serialmux: {text}\r\n" if process.get_terminal_type() else f"serialmux: {text}\n"
+    with contextlib.suppress(OSError, asyncssh.Error):
+        process.stderr.write(line.encode())
+
+
+async def _route(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes], identity: Identity,
+                 request: LoginRequest, writable: asyncio.Event) -> int:
+    audit = daemon.audit
+    base = {"session": identity.session_id, "user": identity.user, "peer": identity.peer,
+            "fingerprint": identity.fingerprint}
+    console = daemon.consoles.get(request.vm) if not request.errors else None
+    role = daemon.config.role_for(identity.user, request.vm) if console else None
+    if request.errors:
+        audit.event("refused", vm=request.vm, reason="; ".join(request.errors), **base)
+        _error(process, "; ".join(request.errors))
+        return 2
+    if console is None or role is None:
+        # Same words whether the VM exists or not: no grant reveals nothing.
+        audit.event("refused", vm=request.vm, reason="no grant or no such VM", **base)
+        _error(process, DENIED)
+        return 1
+    if process.command is not None:
+        return await commands.run(daemon, process, console, identity, role, process.command)
+    if process.subsystem is not None and process.subsystem != "console":
+        audit.event("refused", vm=console.name, reason=f"subsystem {process.subsystem!r}", **base)
+        _error(process, f"subsystem {process.subsystem!r} is not offered; use 'console'")
+        return 1
+    refusal = daemon.refusal(console)
+    if refusal:
+        audit.event("refused", vm=console.name, reason=refusal, **base)
+        _error(process, refusal)
+        return 1
+    writer = allowed(role, Action.WRITE) and not request.read_only
+    session = Session(daemon, process, console, identity, request, writer=writer,
+                      interactive=process.get_terminal_type() is not None, writable=writable)
+    return await session.run()
+
+
+class Session:
+    """A client attached to a console."""
+
+    def __init__(self, daemon: Daemon, process: asyncssh.SSHServerProcess[bytes],
+                 console: Console, identity: Identity, request: LoginRequest, *, writer: bool,
+                 interactive: bool, writable: asyncio.Event) -> None:
+        self.daemon = daemon
+        self.process = process
+        self.console = console
+        self.identity = identity
+        self.request = request
+        self.interactive = interactive
+        self._writable = writable
+        self.att = Attachment(identity=identity, writer=writer, safe=request.safe,
+                              on_notice=self._on_notice, on_displaced=self._on_displaced,
+                              on_closed=self._on_closed)
+        self.parser = EscapeParser() if interactive else None
+        self.offset = console.backlog.end
+        self._notices: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
+        self._pump_idle = False
+        self._done = asyncio.Event()
+        self._end_reason = "client closed"
+        self._status = 0
+        self._told_ro = self._told_down = False
+        self._replay_from: tuple[int, int] | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Attach, pump both ways until one side ends, detach; return the exit status."""
+        console, ident = self.console, self.identity
+        try:
+            console.attach(self.att)
+        except ConsoleBusy as exc:
+            self.daemon.audit.event("refused", vm=console.name, user=ident.user,
+                                    session=ident.session_id, peer=ident.peer,
+                                    reason="console busy (+safe)")
+            _error(self.process, str(exc))
+            return 1
+        self.daemon.session_started(self)
+        started = time.monotonic()
+        self.daemon.audit.event(
+            "attach", vm=console.name, user=ident.user, session=ident.session_id,
+            peer=ident.peer, fingerprint=ident.fingerprint,
+            mode="write" if self.att.writer else "watch", result="ok")
+        try:
+            self._banner()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._pump_out())
+                    tg.create_task(self._pump_in())
+                    await self._done.wait()
+                    raise _Over
+            except* _Over:
+                pass
+        finally:
+            console.detach(self.att, self._end_reason)
+            self.daemon.session_ended(self)
+            self.daemon.audit.event(
+                "detach", vm=console.name, user=ident.user, session=ident.session_id,
+                peer=ident.peer, reason=self._end_reason, bytes_in=self.att.bytes_in,
+                bytes_out=self.att.bytes_out,
+                duration=round(time.monotonic() - started, 3), result="ok")
+        return self._status
+
+    def end(self, reason: str, status: int = 0) -> None:
+        """End the session (from any callback in the loop thread)."""
+        if not self._done.is_set():
+            self._end_reason = reason
+            self._status = status
+            self._done.set()
+
+    def _banner(self) -> None:
+        name = self.console.name
+        mode = "read-only" if not self.att.writer else "writer"
+        if self.interactive:
+            self._say(f"connected to {name} ({mode}); escape is ^] — type ^] ? for help")
+        if not self.console.up:
+            self._say(f"{name} is not running ({self.console.down_reason}); output will appear "
+                      "when it starts")
+        replay = self.request.replay
+        if replay and self.console.ring is not None:
+            self.offset = self.console.backlog.end
+            self._replay_from = self.daemon.replay_start(self.console, replay)
+        else:
+            self._replay_from = None
+
+    # -- console → client ----------------------------------------------------------
+
+    async def _pump_out(self) -> None:
+        stdout = self.process.stdout
+        if self._replay_from is not None:
+            await self.daemon.replay(self.console, self._replay_from, self._write_drained)
+        backlog = self.console.backlog
+        while True:
+            if self._notices and self._notices[0][0] <= self.offset:
+                self._say(self._notices.popleft()[1])
+                continue
+            if backlog.end <= self.offset:
+                self._pump_idle = True
+                try:
+                    await backlog.wait_beyond(self.offset)
+                finally:
+                    self._pump_idle = False
+                continue
+            limit = CHUNK
+            if self._notices:
+                limit = min(limit, self._notices[0][0] - self.offset)
+            skipped, data, self.offset = backlog.read(self.offset, limit)
+            if skipped:
+                self._say(f"{skipped} bytes skipped; see logs")
+            if data:
+                self.att.bytes_out += len(data)
+                stdout.write(data)
+                await self._drain()
+
+    async def _write_drained(self, data: bytes) -> None:
+        self.process.stdout.write(data)
+        await self._drain()
+
+    async def _drain(self) -> None:
+        timeout = self.daemon.config.server.stall_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self.process.stdout.drain()
+                await self._writable.wait()
+        except TimeoutError:
+            self.end(f"stalled: client read nothing for {timeout:g} s", status=1)
+            raise _Over from None
+
+    def _on_notice(self, offset: int, text: str) -> None:
+        if self._pump_idle and offset <= self.offset:
+            self._say(text)
+        else:
+            self._notices.append((offset, text))
+
+    def _on_displaced(self, text: str) -> None:
+        self._say(text)
+        self.end("displaced", status=1)
+
+    def _on_closed(self, text: str) -> None:
+        self._say(text)
+        self.end(text, status=1)
+
+    def _say(self, text: str) -> None:
+        """A one-line notice: inline for a terminal, on stderr for programs."""
+        with contextlib.suppress(OSError, asyncssh.Error):
+            if self.interactive:
+                self.process.stdout.write(f"\r\n[serialmux: {text}]\r\n".encode())
+            else:
+                self.process.stderr.write(f"serialmux: {text}\n".encode())
+
+    # -- client → console ----------------------------------------------------------
+
+    async def _pump_in(self) -> None:
+        stdin = self.process.stdin
+        while True:
+            try:
+                data = await stdin.read(CHUNK)
+            except asyncssh.BreakReceived:
+                await self._action(Key.BREAK, None)
+                continue
+            except (asyncssh.TerminalSizeChanged, asyncssh.SignalReceived):
+                continue
+            if not data:
+                self.end("client closed")
+                return
+            if self.parser is None:
+                await self._type(data)
+                continue
+            for event in self.parser.feed(data):
+                if isinstance(event, bytes):
+                    await self._type(event)
+                else:
+                    await self._escape(event)
+                if self._done.is_set():
+                    return
+
+    async def _type(self, data: bytes) -> None:
+        if not self.att.writer:
+            if not self._told_ro:
+                self._told_ro = True
+                self._say("read-only: your input is not sent to the console")
+            return
+        if self.att is not self.console.writer:
+            return
+        if await self.console.write(self.att, data):
+            self._told_down = False
+        elif not self._told_down:
+            self._told_down = True
+            self._say("the console is down; input discarded")
+
+    async def _escape(self, event: Command | Confirm | Cancelled | Unknown) -> None:
+        name = self.console.name
+        if isinstance(event, Unknown):
+            self._say("unknown escape; type ^] ? for help")
+        elif isinstance(event, Confirm):
+            what = {Key.NMI: "send NMI to", Key.RESET: "reset"}.get(event.action, "do that to")
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.process.stdout.write(f"\r\n{what} {name}? [y/N] ".encode())
+        elif isinstance(event, Cancelled):
+            self._say("cancelled")
+        elif event.action is Key.DISCONNECT:
+            self._say("disconnected")
+            self.end("escape: disconnect")
+        elif event.action is Key.HELP:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.process.stdout.write(b"\r\n" + HELP_TEXT.encode())
+        else:
+            await self._action(event.action, event.arg)
+
+    async def _action(self, key: Key, arg: str | None) -> None:
+        try:
+            text = await actions.perform(self.daemon, self.console, self.identity,
+                                         actions.from_escape(key), arg)
+        except SerialmuxError as exc:
+            self._say(f"failed: {exc}")
+        else:
+            self._say(text)

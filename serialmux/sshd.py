@@ -1,0 +1,223 @@
+"""The SSH front: asyncssh server with hardened options and our own auth callbacks.
+
+What asyncssh allows unless told otherwise is turned off here (see
+``shared/notes/asyncssh-facts.md``): only public-key authentication (and
+certificates from configured CAs), no password, keyboard-interactive,
+host-based or GSS; no agent or X11 forwarding, no TCP/UNIX forwarding, no
+SCP or SFTP; raw bytes (``encoding=None``, ``line_editor=False``); modern
+algorithm lists pinned. Failed keys are counted per connection (OpenSSH
+``MaxAuthTries``) because asyncssh does not.
+
+Identity comes from the key that authenticated, never from the login name:
+:meth:`GatewayServer.validate_public_key` binds the key to a configured
+user and the session reads it back with :func:`identity_of`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from .access import Identity
+from .errors import ConfigError
+from .log import get_logger
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = get_logger(__name__)
+
+KEX_ALGS = ["mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org",
+            "ecdh-sha2-nistp256", "ecdh-sha2-nistp384", "ecdh-sha2-nistp521",
+            "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512"]
+ENCRYPTION_ALGS = ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com",
+                   "aes128-gcm@openssh.com", "aes256-ctr", "aes128-ctr"]
+MAC_ALGS = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com",
+            "umac-128-etm@openssh.com"]
+SIG_ALGS = ["ssh-ed25519", "sk-ssh-ed25519@openssh.com", "ecdsa-sha2-nistp256",
+            "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ecdsa-sha2-nistp256@openssh.com",
+            "rsa-sha2-512", "rsa-sha2-256"]
+TRANSPORT_HIGH_WATER = 256 * 1024
+
+
+def ensure_host_key(path: Path) -> asyncssh.SSHKey:
+    """Load the host key at *path*, creating an ed25519 key (0600) if it is missing."""
+    if not path.exists():
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        key = asyncssh.generate_private_key("ssh-ed25519", comment="serialmux host key")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.export_private_key())
+        path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+        log.info("host_key_created", path=str(path), fingerprint=key.get_fingerprint())
+        return key
+    try:
+        return asyncssh.read_private_key(str(path))
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise ConfigError(f"cannot load host key: {exc}", path=str(path),
+                          key="server.host_keys") from exc
+
+
+class GatewayServer(asyncssh.SSHServer):
+    """Per-connection callbacks: called by asyncssh in the event loop, in protocol order."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self.session_id = secrets.token_hex(6)
+        self.peer = "?"
+        self.identity: Identity | None = None
+        self.failures = 0
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    # -- connection ------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        """A TCP connection arrived; the SSH handshake has not started."""
+        self._conn = conn
+        peer = conn.get_extra_info("peername") or ("?", 0)
+        host = peer[0]
+        self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        # asyncssh ignores the transport's flow control ("do nothing for now"),
+        # so a client that stops reading TCP would let its transport buffer
+        # grow without bound. Hook the callbacks so session pumps can wait.
+        conn.pause_writing = self.writable.clear  # type: ignore[method-assign]
+        conn.resume_writing = self.writable.set  # type: ignore[method-assign]
+        self._daemon.audit.event("connect", session=self.session_id, peer=self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection closed (cleanly or not)."""
+        self.writable.set()
+        self._daemon.audit.event(
+            "disconnect", session=self.session_id, peer=self.peer,
+            user=self.identity.user if self.identity else None,
+            reason=str(exc) if exc else None)
+
+    # -- authentication ---------------------------------------------------------
+
+    def begin_auth(self, username: str) -> bool:
+        """Authentication is always required; the login name is only the VM selector."""
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Return whether *key* belongs to a configured user (allowed from this address).
+
+        asyncssh calls this twice for an accepted key (probe, then signature);
+        a refused key is offered once, so each refusal counts as one failure.
+        """
+        config = self._daemon.config
+        fingerprint = key.get_fingerprint("sha256")
+        user = config.user_for_key(key.public_data)
+        if user is not None:
+            entry = next(k for k in user.keys if k.public_data == key.public_data)
+            if entry.allows_from(self.peer_host):
+                self.identity = Identity(user=user.name, fingerprint=fingerprint, peer=self.peer,
+                                         session_id=self.session_id)
+                return True
+            reason = "key not allowed from this address (from=)"
+        else:
+            reason = "unknown key"
+        self._auth_failed(username, fingerprint, reason)
+        return False
+
+    @property
+    def peer_host(self) -> str:
+        """The peer's address without the port."""
+        return self.peer.rsplit(":", 1)[0].strip("[]")
+
+    def _auth_failed(self, username: str, fingerprint: str, reason: str) -> None:
+        self.failures += 1
+        self._daemon.audit.event("auth_failure", session=self.session_id, peer=self.peer,
+                                 login=username, fingerprint=fingerprint, reason=reason,
+                                 result="refused", attempt=self.failures)
+        limit = self._daemon.config.ssh.max_auth_tries
+        if self.failures >= limit and self._conn is not None:
+            conn = self._conn
+            self._daemon.audit.event("auth_limit", session=self.session_id, peer=self.peer,
+                                     reason=f"{self.failures} failed keys", result="disconnected")
+            asyncio.get_running_loop().call_soon(
+                conn.disconnect, asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                "Too many authentication failures")
+
+    def auth_completed(self) -> None:
+        """Authentication succeeded: audit who it was."""
+        ident = self.identity
+        self._daemon.audit.event(
+            "auth_success", session=self.session_id, peer=self.peer,
+            user=ident.user if ident else None,
+            fingerprint=ident.fingerprint if ident else None, result="ok")
+
+    # Forwarding of every kind stays refused: the SSHServer defaults return
+    # False for connection_requested, server_requested and the UNIX variants.
+
+
+def server_of(process: asyncssh.SSHServerProcess[bytes]) -> GatewayServer:
+    """Return the :class:`GatewayServer` of the connection carrying *process*."""
+    conn = process.get_extra_info("connection")
+    owner = conn.get_owner()
+    assert isinstance(owner, GatewayServer)
+    return owner
+
+
+async def start_listeners(
+    daemon: Daemon,
+    handler: Callable[[asyncssh.SSHServerProcess[bytes]], Awaitable[None]],
+) -> list[asyncssh.SSHAcceptor]:
+    """Bind every configured listen address; return when all are listening."""
+    server = daemon.config.server
+    ssh = daemon.config.ssh
+    host_keys = [ensure_host_key(p) for p in server.host_keys]
+    acceptors: list[asyncssh.SSHAcceptor] = []
+    options: dict[str, Any] = {
+        "server_host_keys": host_keys,
+        "process_factory": handler,
+        "encoding": None,
+        "line_editor": False,
+        "allow_scp": False,
+        "agent_forwarding": False,
+        "x11_forwarding": False,
+        "gss_host": None,
+        "password_auth": False,
+        "kbdint_auth": False,
+        "host_based_auth": False,
+        "public_key_auth": True,
+        "login_timeout": ssh.login_timeout,
+        "keepalive_interval": ssh.keepalive_interval,
+        "keepalive_count_max": ssh.keepalive_count_max,
+        "kex_algs": KEX_ALGS,
+        "encryption_algs": ENCRYPTION_ALGS,
+        "mac_algs": MAC_ALGS,
+        "compression_algs": ["none"],
+        "signature_algs": SIG_ALGS,
+        "server_version": "serialmux",
+    }
+    try:
+        for listen in server.listen:
+            acceptor = await asyncssh.create_server(
+                lambda: GatewayServer(daemon), listen.host, listen.port,
+                reuse_address=True, **options)
+            acceptors.append(acceptor)
+    except BaseException:
+        for acceptor in acceptors:
+            acceptor.close()
+        raise
+    return acceptors

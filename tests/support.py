@@ -1,0 +1,302 @@
+"""Test support: real PTY "VMs", the real daemon on port 0, real SSH clients.
+
+Nothing here fakes serialmux: :class:`Gateway` writes a TOML config, loads
+it with :func:`serialmux.config.load_config` and runs ``Daemon.serve()`` in
+the test's event loop. :class:`PtyVM` holds the master side of a real PTY as
+QEMU does. Every wait is bounded and waits on a condition, never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import tty
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from serialmux.config import load_config
+from serialmux.daemon import Daemon
+
+WAIT = 10.0  # seconds any single condition may take before a test fails
+
+
+class PtyVM:
+    """A VM's serial port: the master side of a real PTY; the daemon opens the slave."""
+
+    def __init__(self) -> None:
+        self.master, slave = os.openpty()
+        tty.setraw(slave)
+        self.slave_path = os.ttyname(slave)
+        # Keep a slave fd open so writes to the master never fail while the
+        # daemon reopens the port (QEMU behaves the same way).
+        self._slave = slave
+        os.set_blocking(self.master, False)
+        self.received = bytearray()
+        self._changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def port(self) -> str:
+        return f"pty:{self.slave_path}"
+
+    def start(self) -> None:
+        """Start collecting what the daemon writes to the guest."""
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._loop.add_reader(self.master, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.received += data
+            assert self._changed is not None
+            self._changed.set()
+
+    async def wait_received(self, pattern: bytes | re.Pattern[bytes], timeout: float = WAIT
+                            ) -> bytes:
+        """Wait until the guest has received *pattern*; return everything so far."""
+        assert self._changed is not None
+        async with asyncio.timeout(timeout):
+            while not _found(pattern, self.received):
+                self._changed.clear()
+                await self._changed.wait()
+        return bytes(self.received)
+
+    def write(self, data: bytes) -> None:
+        """The guest prints *data* (blocking until the PTY takes all of it)."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.master, view)
+            except BlockingIOError:
+                import select
+                select.select([], [self.master], [], 1.0)
+                continue
+            view = view[n:]
+
+    def close(self) -> None:
+        """The VM goes away: EOF/EIO on the daemon's side."""
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self.master)
+        for fd in (self.master, self._slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _found(pattern: bytes | re.Pattern[bytes], data: bytes | bytearray) -> bool:
+    if isinstance(pattern, bytes):
+        return pattern in data
+    return pattern.search(data) is not None
+
+
+@dataclass
+class User:
+    """A person with a key pair."""
+
+    name: str
+    key: asyncssh.SSHKey
+    key_path: Path
+
+    @property
+    def public(self) -> str:
+        return self.key.export_public_key().decode().strip()
+
+
+def make_user(name: str, directory: Path) -> User:
+    """Create *name*'s ed25519 key pair under *directory* (0600)."""
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=f"{name}@test")
+    path = directory / f"id_{name}"
+    path.write_bytes(key.export_private_key())
+    path.chmod(0o600)
+    return User(name, key, path)
+
+
+@dataclass
+class Gateway:
+    """The real daemon, configured by a TOML file written for the test, on port 0."""
+
+    tmp: Path
+    vms: dict[str, str]
+    users: dict[str, User]
+    grants: list[tuple[list[str], list[str], str]]  # (users, vm globs, role)
+    extra: str = ""
+    vm_extra: dict[str, str] = field(default_factory=dict)
+    daemon: Daemon | None = None
+    _task: asyncio.Task[None] | None = None
+    audit_events: list[dict[str, Any]] = field(default_factory=list)
+
+    def toml(self) -> str:
+        lines = [
+            "[server]",
+            'listen = ["127.0.0.1:0"]',
+            f'host_keys = ["{self.tmp}/host_key"]',
+            f'state_dir = "{self.tmp}/state"',
+            f'runtime_dir = "{self.tmp}/run"',
+            "stall_timeout = 5",
+            self.extra,
+        ]
+        for name, port in self.vms.items():
+            lines += [f'[vms."{name}"]', f'port = "{port}"', self.vm_extra.get(name, "")]
+        for user in self.users.values():
+            lines += [f"[users.{user.name}]", f'keys = ["{user.public}"]']
+        for names, vms, role in self.grants:
+            lines += ["[[grants]]", f"users = {names!r}".replace("'", '"'),
+                      f"vms = {vms!r}".replace("'", '"'), f'role = "{role}"']
+        return "\n".join(lines) + "\n"
+
+    @property
+    def config_path(self) -> Path:
+        return self.tmp / "serialmux.toml"
+
+    async def start(self) -> Gateway:
+        self.config_path.write_text(self.toml())
+        self.daemon = Daemon(load_config(self.config_path))
+        self._audit_changed = asyncio.Event()
+
+        def listen(record: dict[str, Any]) -> None:
+            self.audit_events.append(record)
+            self._audit_changed.set()
+
+        self.daemon.audit.listeners.append(listen)
+        self._task = asyncio.create_task(self.daemon.serve())
+        ready = asyncio.create_task(self.daemon.wait_ready(WAIT))
+        done, _ = await asyncio.wait({self._task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task in done:
+            ready.cancel()
+            self._task.result()  # raise the start-up error
+        await ready
+        return self
+
+    async def stop(self) -> None:
+        if self.daemon is not None and self._task is not None:
+            self.daemon.stop()
+            async with asyncio.timeout(WAIT * 2):
+                await self._task
+
+    @property
+    def port(self) -> int:
+        assert self.daemon is not None
+        return self.daemon.ssh_port
+
+    async def connect(self, user: User, login: str, **kw: Any) -> asyncssh.SSHClientConnection:
+        """An asyncssh client connection as *user* with login name *login*."""
+        return await asyncssh.connect(
+            "127.0.0.1", self.port, username=login, client_keys=[user.key],
+            known_hosts=None, agent_path=None, **kw)
+
+    async def attach(self, user: User, login: str, *, term: bool = True,
+                     subsystem: str | None = None) -> Client:
+        """Connect and open a console session (interactive PTY, or a subsystem)."""
+        conn = await self.connect(user, login)
+        process = await conn.create_process(
+            term_type="xterm" if term and subsystem is None else None,
+            subsystem=subsystem, encoding=None)
+        return Client(conn, process)
+
+    async def wait_audit(self, event: str, **match: Any) -> dict[str, Any]:
+        """Wait for an audit event with the given fields."""
+        async with asyncio.timeout(WAIT):
+            while True:
+                for rec in self.audit_events:
+                    if rec["event"] == event and all(rec.get(k) == v for k, v in match.items()):
+                        return rec
+                self._audit_changed.clear()
+                await self._audit_changed.wait()
+
+    def console(self, name: str) -> Any:
+        assert self.daemon is not None
+        return self.daemon.consoles[name]
+
+
+class Client:
+    """An SSH session to a console, collecting what it receives."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection,
+                 process: asyncssh.SSHClientProcess[bytes]) -> None:
+        self.conn = conn
+        self.process = process
+        self.out = bytearray()
+        self.err = bytearray()
+        self._changed = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._collect(process.stdout, self.out)),
+                       asyncio.create_task(self._collect(process.stderr, self.err))]
+
+    async def _collect(self, stream: asyncssh.SSHReader[bytes], into: bytearray) -> None:
+        with contextlib.suppress(asyncssh.Error, OSError):
+            while True:
+                data = await stream.read(65536)
+                if not data:
+                    break
+                into += data
+                self._changed.set()
+        self._changed.set()
+
+    @property
+    def closed(self) -> bool:
+        return all(t.done() for t in self._tasks)
+
+    async def wait_out(self, pattern: bytes | re.Pattern[bytes], timeout: float = WAIT,
+                       *, stream: str = "out") -> bytes:
+        buf = self.out if stream == "out" else self.err
+        async with asyncio.timeout(timeout):
+            while not _found(pattern, buf):
+                if self.closed:
+                    raise AssertionError(f"session closed without {pattern!r}; got {bytes(buf)!r}")
+                self._changed.clear()
+                await self._changed.wait()
+        return bytes(buf)
+
+    async def wait_closed(self, timeout: float = WAIT) -> int | None:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*self._tasks)
+            await self.process.wait_closed()
+        return self.process.exit_status
+
+    def send(self, data: bytes) -> None:
+        self.process.stdin.write(data)
+
+    async def close(self) -> None:
+        self.conn.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(WAIT):
+                await self.conn.wait_closed()
+        for t in self._tasks:
+            t.cancel()
+
+
+@contextlib.asynccontextmanager
+async def gateway(tmp: Path, **kw: Any) -> AsyncIterator[Gateway]:
+    """Run a :class:`Gateway` for the body of an ``async with``."""
+    gw = Gateway(tmp, **kw)
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
+def ssh_binary() -> str | None:
+    """The OpenSSH client, if installed."""
+    return shutil.which("ssh")
+
+
+def openssh_args(gw: Gateway, user: User, login: str, *extra: str) -> list[str]:
+    """Arguments for the OpenSSH client to reach *gw* as *user*."""
+    return ["ssh", "-p", str(gw.port), "-i", str(user.key_path), "-F", "/dev/null",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
+            "-o", "IdentityAgent=none", *extra, f"{login}@127.0.0.1"]
+
