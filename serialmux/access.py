@@ -18,24 +18,33 @@ from .config import Role, check_name
 
 
 class Action(enum.Enum):
-    """Things a session can ask for, each needing a minimum role."""
+    """Things a session can ask for; :data:`MIN_ROLE` says what each needs."""
 
-    WATCH = Role.READER
-    LOGS = Role.READER
-    STATUS = Role.READER
-    WHO = Role.READER
-    WRITE = Role.CONTRIBUTOR
-    BREAK = Role.CONTRIBUTOR
-    SYSRQ = Role.CONTRIBUTOR
-    NMI = Role.CONTRIBUTOR
-    RESET = Role.CONTRIBUTOR
-    DISABLE = Role.OWNER
-    KICK = Role.OWNER
+    WATCH = "watch"
+    LOGS = "logs"
+    STATUS = "status"
+    WHO = "who"
+    WRITE = "write"
+    BREAK = "break"
+    SYSRQ = "sysrq"
+    NMI = "nmi"
+    RESET = "reset"
+    DISABLE = "disable"
+    KICK = "kick"
+
+
+MIN_ROLE: dict[Action, Role] = {
+    Action.WATCH: Role.READER, Action.LOGS: Role.READER, Action.STATUS: Role.READER,
+    Action.WHO: Role.READER,
+    Action.WRITE: Role.CONTRIBUTOR, Action.BREAK: Role.CONTRIBUTOR,
+    Action.SYSRQ: Role.CONTRIBUTOR, Action.NMI: Role.CONTRIBUTOR, Action.RESET: Role.CONTRIBUTOR,
+    Action.DISABLE: Role.OWNER, Action.KICK: Role.OWNER,
+}
 
 
 def allowed(role: Role | None, action: Action) -> bool:
     """Return whether *role* is enough for *action* (None: no grant at all)."""
-    return role is not None and role >= Role(action.value)
+    return role is not None and role >= MIN_ROLE[action]
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,6 +137,7 @@ class Gateway:
     daemon: Daemon | None = None
     _task: asyncio.Task[None] | None = None
     audit_events: list[dict[str, Any]] = field(default_factory=list)
+    conns: list[asyncssh.SSHClientConnection] = field(default_factory=list)
 
     def toml(self) -> str:
         lines = [
@@ -181,6 +182,12 @@ class Gateway:
         return self
 
     async def stop(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(WAIT):
+                    await conn.wait_closed()
         if self.daemon is not None and self._task is not None:
             self.daemon.stop()
             async with asyncio.timeout(WAIT * 2):
@@ -193,9 +200,11 @@ class Gateway:
 
     async def connect(self, user: User, login: str, **kw: Any) -> asyncssh.SSHClientConnection:
         """An asyncssh client connection as *user* with login name *login*."""
-        return await asyncssh.connect(
+        conn = await asyncssh.connect(
             "127.0.0.1", self.port, username=login, client_keys=[user.key],
             known_hosts=None, agent_path=None, **kw)
+        self.conns.append(conn)
+        return conn
 
     async def attach(self, user: User, login: str, *, term: bool = True,
                      subsystem: str | None = None) -> Client:
@@ -300,3 +309,62 @@ def openssh_args(gw: Gateway, user: User, login: str, *extra: str) -> list[str]:
             "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
             "-o", "IdentityAgent=none", *extra, f"{login}@127.0.0.1"]
 
+
+
+class SocketVM:
+    """A VM whose serial port is a UNIX socket server (QEMU ``-chardev socket,server=on``)."""
+
+    def __init__(self, path: Path, *, telnet: bool = False) -> None:
+        self.path = path
+        self.telnet = telnet
+        self.received = bytearray()
+        self._changed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self.connected = asyncio.Event()
+
+    @property
+    def port(self) -> str:
+        return f"unix{'+telnet' if self.telnet else ''}:{self.path}"
+
+    async def start(self) -> None:
+        """Listen (again) at the path."""
+        self.connected.clear()
+        self._server = await asyncio.start_unix_server(self._client, str(self.path))
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self.connected.set()
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                self.received += data
+                self._changed.set()
+        self._changed.set()
+
+    async def wait_connected(self, timeout: float = WAIT) -> None:
+        async with asyncio.timeout(timeout):
+            await self.connected.wait()
+
+    async def wait_received(self, pattern: bytes | re.Pattern[bytes], timeout: float = WAIT
+                            ) -> bytes:
+        async with asyncio.timeout(timeout):
+            while not _found(pattern, self.received):
+                self._changed.clear()
+                await self._changed.wait()
+        return bytes(self.received)
+
+    def write(self, data: bytes) -> None:
+        assert self._writer is not None
+        self._writer.write(data)
+
+    async def stop(self) -> None:
+        """The VM goes away: drop the client and remove the socket (path gone)."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

@@ -1,0 +1,311 @@
+"""The console gateway over real SSH: bytes, takeover, roles, refusals, port loss, break."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from tests.support import Gateway, PtyVM, SocketVM, User, gateway
+
+ALL_BYTES = bytes(range(256))
+
+
+async def test_subsystem_is_byte_exact_both_ways(gw: Gateway, users: dict[str, User],
+                                                 vm: PtyVM) -> None:
+    """The console subsystem carries all 256 byte values unchanged in both directions."""
+    c = await gw.attach(users["alice"], "web-01+replay=0", subsystem="console")
+    await gw.wait_audit("attach", user="alice")
+    vm.write(ALL_BYTES * 4)
+    await c.wait_out(ALL_BYTES * 4)
+    assert bytes(c.out) == ALL_BYTES * 4
+    c.send(ALL_BYTES * 4)
+    await vm.wait_received(ALL_BYTES * 4)
+    assert bytes(vm.received) == ALL_BYTES * 4
+    await c.close()
+
+
+async def test_interactive_session_passes_all_bytes_with_escape_doubled(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """A PTY session sends every byte; ^] ^] reaches the VM as one ^]."""
+    c = await gw.attach(users["alice"], "web-01+replay=0")
+    await c.wait_out(b"connected to web-01 (writer)")
+    c.send(ALL_BYTES.replace(b"\x1d", b"\x1d\x1d"))
+    await vm.wait_received(ALL_BYTES)
+    assert bytes(vm.received) == ALL_BYTES
+    await c.close()
+
+
+async def test_takeover_notifies_and_closes_previous_writer(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """A second writer takes over; the first is told who, from where, when, and closed."""
+    first = await gw.attach(users["alice"], "web-01")
+    await gw.wait_audit("attach", user="alice")
+    second = await gw.attach(users["bob"], "web-01")
+    await first.wait_out(re.compile(
+        rb"console taken over by bob from 127\.0\.0\.1 at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"))
+    assert await first.wait_closed() == 1
+    await gw.wait_audit("takeover", user="bob", previous_user="alice")
+    second.send(b"bob types\r")
+    await vm.wait_received(b"bob types\r")
+    assert gw.console("web-01").writer.identity.user == "bob"
+    await second.close()
+
+
+async def test_safe_refuses_when_someone_is_typing(gw: Gateway, users: dict[str, User]) -> None:
+    """+safe does not take over: it names who holds the console and since when."""
+    holder = await gw.attach(users["alice"], "web-01")
+    await gw.wait_audit("attach", user="alice")
+    refused = await gw.attach(users["bob"], "web-01+safe")
+    assert await refused.wait_closed() == 1
+    assert re.search(rb"held by alice from 127\.0\.0\.1 since \d{4}-", refused.err)
+    assert gw.console("web-01").writer.identity.user == "alice"
+    assert not holder.closed
+    await holder.close()
+
+
+async def test_safe_attaches_when_console_is_free(gw: Gateway, users: dict[str, User],
+                                                  vm: PtyVM) -> None:
+    """+safe on a free console makes you the writer."""
+    c = await gw.attach(users["bob"], "web-01+safe")
+    await c.wait_out(b"(writer)")
+    c.send(b"x")
+    await vm.wait_received(b"x")
+    await c.close()
+
+
+async def test_read_only_option_input_has_no_effect(gw: Gateway, users: dict[str, User],
+                                                    vm: PtyVM) -> None:
+    """+ro watches: output arrives, typing is not sent, the writer is not displaced."""
+    writer = await gw.attach(users["alice"], "web-01")
+    await gw.wait_audit("attach", user="alice")
+    watcher = await gw.attach(users["bob"], "web-01+ro")
+    await watcher.wait_out(b"(read-only)")
+    watcher.send(b"should-not-arrive")
+    await watcher.wait_out(b"input is not sent")
+    writer.send(b"marker")
+    await vm.wait_received(b"marker")
+    assert b"should-not-arrive" not in vm.received
+    vm.write(b"both see this\r\n")
+    await watcher.wait_out(b"both see this")
+    await writer.wait_out(b"both see this")
+    assert not writer.closed
+    await writer.close()
+    await watcher.close()
+
+
+async def test_reader_role_cannot_write(gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """A reader is attached read-only whatever the login options say."""
+    c = await gw.attach(users["carol"], "web-01")
+    await c.wait_out(b"(read-only)")
+    c.send(b"carol-typed")
+    await c.wait_out(b"input is not sent")
+    vm.write(b"visible\r\n")
+    await c.wait_out(b"visible")
+    assert b"carol-typed" not in vm.received
+    assert gw.console("web-01").writer is None
+    await c.close()
+
+
+async def test_unknown_key_is_refused(gw: Gateway, users: dict[str, User]) -> None:
+    """A key bound to no user fails authentication, audited with its fingerprint."""
+    with pytest.raises(asyncssh.PermissionDenied):
+        await gw.connect(users["mallory"], "web-01")
+    rec = await gw.wait_audit("auth_failure", reason="unknown key")
+    assert rec["fingerprint"] == users["mallory"].key.get_fingerprint("sha256")
+
+
+async def test_no_grant_and_unknown_vm_get_the_same_refusal(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """Without a grant, an existing VM and a missing one are refused in the same words."""
+    vm.start()
+    async with gateway(tmp_path, vms={"db-01": vm.port}, users={"bob": users["bob"]},
+                       grants=[(["bob"], ["web-*"], "contributor")]) as g:
+        existing = await g.attach(users["bob"], "db-01")
+        missing = await g.attach(users["bob"], "nope-99")
+        assert await existing.wait_closed() == 1
+        assert await missing.wait_closed() == 1
+        assert existing.err == missing.err
+        assert b"access denied" in existing.err
+        await g.wait_audit("refused", vm="db-01", user="bob")
+
+
+async def test_unknown_login_option_is_refused_clearly(gw: Gateway,
+                                                       users: dict[str, User]) -> None:
+    """An unknown +option is refused with the list of valid options."""
+    c = await gw.attach(users["alice"], "web-01+turbo")
+    assert await c.wait_closed() == 2
+    assert b"unknown option 'turbo'" in c.err
+    assert b"ro (watch only)" in c.err
+
+
+async def test_exec_of_arbitrary_command_is_refused(gw: Gateway,
+                                                    users: dict[str, User]) -> None:
+    """There is no shell: an exec request that is not a gateway command is refused."""
+    conn = await gw.connect(users["alice"], "web-01")
+    result = await conn.run("rm -rf /", encoding=None)
+    assert result.exit_status == 2
+    assert b"there is no shell here" in result.stderr
+    conn.close()
+
+
+async def test_port_forwarding_is_refused(gw: Gateway, users: dict[str, User]) -> None:
+    """Local (direct-tcpip) and remote (tcpip-forward) forwarding are both refused."""
+    conn = await gw.connect(users["alice"], "web-01")
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await conn.open_connection("127.0.0.1", gw.port)
+    with pytest.raises(asyncssh.ChannelListenError):
+        await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 22)
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await conn.open_unix_connection("/run/anything.sock")
+    conn.close()
+
+
+async def test_other_subsystems_are_refused(gw: Gateway, users: dict[str, User]) -> None:
+    """sftp (or any subsystem but 'console') is refused."""
+    conn = await gw.connect(users["alice"], "web-01")
+    with pytest.raises((asyncssh.SFTPError, asyncssh.ChannelOpenError, asyncssh.ProcessError,
+                        asyncssh.ConnectionLost, OSError)):
+        async with conn.start_sftp_client():
+            pass
+    process = await conn.create_process(subsystem="shell", encoding=None)
+    await process.wait_closed()
+    assert process.exit_status == 1
+    conn.close()
+
+
+async def test_escape_help_and_disconnect(gw: Gateway, users: dict[str, User],
+                                          vm: PtyVM) -> None:
+    """^] ? lists the escapes; ^] . disconnects; neither reaches the VM."""
+    c = await gw.attach(users["alice"], "web-01")
+    await c.wait_out(b"(writer)")
+    c.send(b"\x1d?")
+    await c.wait_out(b"disconnect")
+    c.send(b"abc\x1d.")
+    await c.wait_out(b"disconnected")
+    assert await c.wait_closed() == 0
+    await vm.wait_received(b"abc")
+    assert bytes(vm.received) == b"abc"
+
+
+async def test_vm_port_vanishing_and_returning_keeps_client(
+        tmp_path: Path, users: dict[str, User], sockets: Callable[..., SocketVM]) -> None:
+    """The socket VM goes away and comes back: the attached client is told and keeps going."""
+    sock = sockets("vm.sock")
+    await sock.start()
+    async with gateway(tmp_path, vms={"web-01": sock.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")]) as g:
+        await sock.wait_connected()
+        c = await g.attach(users["alice"], "web-01")
+        await c.wait_out(b"(writer)")
+        sock.write(b"before\r\n")
+        await c.wait_out(b"before")
+        await sock.stop()
+        await c.wait_out(b"web-01 console is down")
+        await sock.start()
+        await sock.wait_connected(timeout=15)
+        await c.wait_out(b"web-01 console is up")
+        sock.write(b"after\r\n")
+        await c.wait_out(b"after")
+        c.send(b"still typing")
+        await sock.wait_received(b"still typing")
+        await c.close()
+
+
+async def test_pty_vm_stopping_marks_console_down(gw: Gateway, users: dict[str, User],
+                                                  vm: PtyVM) -> None:
+    """When the PTY's other side closes (EOF/EIO), clients see a down notice."""
+    c = await gw.attach(users["alice"], "web-01")
+    await c.wait_out(b"(writer)")
+    vm.close()
+    await c.wait_out(b"web-01 console is down")
+    assert not gw.console("web-01").up
+    c.send(b"lost")
+    await c.wait_out(b"console is down; input discarded")
+    await c.close()
+
+
+async def test_absent_vm_can_be_attached_and_shows_output_when_it_starts(
+        tmp_path: Path, users: dict[str, User], sockets: Callable[..., SocketVM]) -> None:
+    """Attaching to a VM that is not running works; its first output then appears."""
+    sock = sockets("later.sock")
+    async with gateway(tmp_path, vms={"web-01": sock.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")]) as g:
+        c = await g.attach(users["alice"], "web-01")
+        await c.wait_out(b"web-01 is not running")
+        await sock.start()
+        await sock.wait_connected(timeout=15)
+        sock.write(b"early boot line\r\n")
+        await c.wait_out(b"early boot line")
+        await c.close()
+
+
+async def test_ssh_break_request_reaches_telnet_port(
+        tmp_path: Path, users: dict[str, User], sockets: Callable[..., SocketVM]) -> None:
+    """An SSH break request becomes IAC BRK on a telnet-framed socket port."""
+    sock = sockets("tel.sock", telnet=True)
+    await sock.start()
+    async with gateway(tmp_path, vms={"web-01": sock.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")]) as g:
+        await sock.wait_connected()
+        c = await g.attach(users["alice"], "web-01")
+        await c.wait_out(b"(writer)")
+        c.send(b"\xffx")
+        await sock.wait_received(b"\xff\xffx")  # 0xFF escaped by the telnet framing
+        c.process.channel.send_break(250)
+        await sock.wait_received(b"\xff\xf3")
+        await c.wait_out(b"BREAK sent to web-01")
+        await g.wait_audit("command", action="break", result="ok")
+        await c.close()
+
+
+async def test_ssh_break_request_on_pty_is_sent_and_audited(gw: Gateway,
+                                                            users: dict[str, User]) -> None:
+    """An SSH break on a PTY port calls tcsendbreak and is audited (a PTY shows no BREAK)."""
+    c = await gw.attach(users["alice"], "web-01")
+    await c.wait_out(b"(writer)")
+    c.process.channel.send_break(250)
+    await c.wait_out(b"BREAK sent to web-01")
+    await gw.wait_audit("command", action="break", result="ok", user="alice")
+    await c.close()
+
+
+async def test_reader_break_request_is_refused(gw: Gateway, users: dict[str, User]) -> None:
+    """A reader's break request is refused and audited."""
+    c = await gw.attach(users["carol"], "web-01")
+    await c.wait_out(b"(read-only)")
+    c.process.channel.send_break(250)
+    await c.wait_out(b"needs the contributor or owner role")
+    await gw.wait_audit("command", action="break", result="refused", user="carol")
+    await c.close()
+
+
+async def test_audit_events_are_json_with_session_and_peer(gw: Gateway,
+                                                           users: dict[str, User]) -> None:
+    """connect, auth_success, attach and detach are audited with session id and peer."""
+    c = await gw.attach(users["alice"], "web-01")
+    await c.wait_out(b"(writer)")
+    await c.close()
+    detach = await gw.wait_audit("detach", user="alice")
+    for name in ("connect", "auth_success", "attach"):
+        rec = await gw.wait_audit(name, session=detach["session"])
+        assert rec["peer"].startswith("127.0.0.1:")
+        json.dumps(rec)
+    assert {"bytes_in", "bytes_out", "duration"} <= detach.keys()
+
+
+async def test_many_watchers_all_see_output(gw: Gateway, users: dict[str, User],
+                                            vm: PtyVM) -> None:
+    """Any number of watchers see the same output."""
+    watchers = [await gw.attach(users["carol"], "web-01") for _ in range(5)]
+    for w in watchers:
+        await w.wait_out(b"(read-only)")
+    vm.write(b"broadcast\r\n")
+    for w in watchers:
+        await w.wait_out(b"broadcast")
+    await asyncio.gather(*(w.close() for w in watchers))
