@@ -1,0 +1,5 @@
+"""``python -m serialmux``: the same as the ``serialmux`` command."""
+
+from .cli import main
+
+main()

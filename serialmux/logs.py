@@ -1,0 +1,301 @@
+"""The engine of ``serialmux logs VM``: choose where to start in a ring and print it.
+
+cli.py parses options and calls :func:`write_logs` (and :func:`follow_logs` for
+``--follow``); this module reads rings through :class:`serialmux.ring.RingReader`
+and renders records in one of four formats:
+
+* default: guest output bytes as they came, each marker on a line of its own
+  as ``-- serialmux: <UTC time> <text> --``;
+* ``timestamps``: the same, each line prefixed ``[YYYY-MM-DDTHH:MM:SS.mmmZ] ``
+  with the time of the record that started the line;
+* ``as_json``: one JSON object per record (and per skipped range);
+* ``raw``: byte-exact guest output only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from serialmux.errors import RingError
+from serialmux.ring import Record, RecordKind, RingReader, Skipped
+
+__all__ = ["follow_logs", "parse_since", "write_logs"]
+
+_AGO_RE = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(s|secs?|seconds?|m|mins?|minutes?|h|hrs?|hours?|d|days?|w|weeks?)"
+    r"\s+ago\s*$",
+    re.IGNORECASE,
+)
+_CLOCK_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """Parse a ``--since`` value relative to ``now``.
+
+    Accepts "N unit ago" (s, sec, min, m, h, hour, d, day, w, week; plurals),
+    "now", "today", "yesterday", an ISO 8601 date or time ("2024-05-01",
+    "2024-05-01T12:00:00Z") and "HH:MM[:SS]" (today, or yesterday if that is
+    still to come). Naive results take ``now``'s time zone.
+    """
+    word = text.strip().lower()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if word == "now":
+        return now
+    if word == "today":
+        return midnight
+    if word == "yesterday":
+        return midnight - timedelta(days=1)
+    match = _AGO_RE.match(text)
+    if match:
+        unit = match.group(2).lower()
+        unit = "m" if unit.startswith("m") else unit[0]
+        return now - timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[unit])
+    match = _CLOCK_RE.match(text)
+    if match:
+        hour, minute, second = int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+        if hour > 23 or minute > 59 or second > 59:
+            raise ValueError(f"--since {text!r}: not a time of day (HH:MM or HH:MM:SS)")
+        when = midnight.replace(hour=hour, minute=minute, second=second)
+        return when - timedelta(days=1) if when > now else when
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"--since {text!r} is not understood: use e.g. '10 min ago', '2h ago', "
+            "'yesterday', '14:30' or '2024-05-01T14:30:00Z'"
+        ) from None
+    if when.tzinfo is None and now.tzinfo is not None:
+        when = when.replace(tzinfo=now.tzinfo)
+    return when
+
+
+def _to_ns(when: datetime) -> int:
+    return int(when.timestamp() * 1_000_000_000)
+
+
+def _iso(time_ns: int, millis: bool = True) -> str:
+    when = datetime.fromtimestamp(time_ns / 1e9, tz=UTC)
+    if millis:
+        return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Renderer:
+    """Turns records into bytes for ``out``; keeps line state across calls (for follow)."""
+
+    def __init__(self, out: BinaryIO, *, timestamps: bool, as_json: bool, raw: bool) -> None:
+        self.out = out
+        self.timestamps = timestamps
+        self.as_json = as_json
+        self.raw = raw
+        self.at_line_start = True
+
+    def record(self, rec: Record, skip: int = 0) -> None:
+        payload = rec.payload[skip:] if skip else rec.payload
+        if self.raw:
+            if rec.kind is RecordKind.OUTPUT:
+                self.out.write(payload)
+            return
+        if self.as_json:
+            obj: dict[str, Any] = {
+                "seq": rec.seq,
+                "time": _iso(rec.time_ns),
+                "kind": rec.kind.name.lower(),
+            }
+            if rec.kind is RecordKind.OUTPUT:
+                obj["data"] = payload.decode("utf-8", errors="backslashreplace")
+            else:
+                fields = rec.marker() or {}
+                obj["text"] = rec.text()
+                extra = {k: v for k, v in fields.items() if k != "text"}
+                if extra:
+                    obj["fields"] = extra
+            self._json(obj)
+            return
+        if rec.kind is RecordKind.OUTPUT:
+            self._output(payload, rec.time_ns)
+        else:
+            self._marker(f"{_iso(rec.time_ns, millis=False)} {rec.text()}", rec.time_ns)
+
+    def skipped(self, item: Skipped, time_ns: int) -> None:
+        if self.raw:
+            return
+        if self.as_json:
+            self._json(
+                {
+                    "kind": "skipped",
+                    "from_seq": item.from_seq,
+                    "to_seq": item.to_seq,
+                    "count": item.count,
+                    "reason": item.reason,
+                }
+            )
+            return
+        what = "overwritten while reading" if item.reason == "overwritten" else "unreadable"
+        self._marker(f"{item.count} records {what}", time_ns)
+
+    def note(self, text: str, time_ns: int) -> None:
+        """A line of our own (ring replaced...), in the current format."""
+        if self.raw:
+            return
+        if self.as_json:
+            self._json({"kind": "note", "time": _iso(time_ns), "text": text})
+        else:
+            self._marker(text, time_ns)
+
+    def _json(self, obj: dict[str, Any]) -> None:
+        self.out.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+
+    def _marker(self, text: str, time_ns: int) -> None:
+        lead = b"" if self.at_line_start else b"\r\n"
+        stamp = f"[{_iso(time_ns)}] ".encode() if self.timestamps else b""
+        self.out.write(lead + stamp + f"-- serialmux: {text} --\r\n".encode())
+        self.at_line_start = True
+
+    def _output(self, data: bytes, time_ns: int) -> None:
+        if not data:
+            return
+        if not self.timestamps:
+            self.out.write(data)
+            self.at_line_start = data.endswith(b"\n")
+            return
+        stamp = f"[{_iso(time_ns)}] ".encode()
+        parts = []
+        for line in data.splitlines(keepends=True):
+            if self.at_line_start:
+                parts.append(stamp)
+            parts.append(line)
+            self.at_line_start = line.endswith(b"\n")
+        self.out.write(b"".join(parts))
+
+
+def _start(
+    reader: RingReader, lines: int | None, since: datetime | None, boot: bool, until: int
+) -> tuple[int, int]:
+    """(seq, bytes to skip in it): the latest of the starts the options ask for."""
+    starts = [(reader.first_seq(), 0)]
+    if since is not None:
+        starts.append((reader.seq_at_time(_to_ns(since)), 0))
+    if boot:
+        seq = reader.boot_seq()
+        if seq is not None:
+            starts.append((seq, 0))
+    if lines is not None:
+        starts.append(reader.tail_position(lines, until_seq=until) if lines > 0 else (until, 0))
+    return max(starts)
+
+
+def _emit(render: _Renderer, items: Any, skip_seq: int, skip: int) -> int | None:
+    """Render records; return the seq after the last one seen, None if none."""
+    after: int | None = None
+    last_time = 0
+    for item in items:
+        if isinstance(item, Skipped):
+            render.skipped(item, last_time)
+            after = item.to_seq + 1
+        else:
+            render.record(item, skip if item.seq == skip_seq else 0)
+            last_time = item.time_ns
+            after = item.seq + 1
+    return after
+
+
+def write_logs(
+    ring_path: Path,
+    out: BinaryIO,
+    *,
+    lines: int | None = 200,
+    since: datetime | None = None,
+    boot: bool = False,
+    timestamps: bool = False,
+    as_json: bool = False,
+    raw: bool = False,
+) -> int:
+    """Write a ring's scrollback to ``out``; return the next seq (the cursor for follow).
+
+    ``lines`` keeps the last N lines of output (None: everything), ``since``
+    starts at a time, ``boot`` at the last boot marker; together, the latest
+    start wins. Raises RingError if the ring cannot be opened or read.
+    """
+    render = _Renderer(out, timestamps=timestamps, as_json=as_json, raw=raw)
+    with RingReader(Path(ring_path)) as reader:
+        until = reader.next_seq()
+        seq, skip = _start(reader, lines, since, boot, until)
+        if seq < until:
+            _emit(render, reader.records(seq, until_seq=until), seq, skip)
+    out.flush()
+    return until
+
+
+def follow_logs(
+    ring_path: Path,
+    out: BinaryIO,
+    from_seq: int,
+    *,
+    timestamps: bool = False,
+    as_json: bool = False,
+    raw: bool = False,
+    stop: threading.Event | None = None,
+    poll_interval: float = 0.2,
+) -> None:
+    """Write records from ``from_seq`` on as the writer appends them, until ``stop`` is set.
+
+    Polls the file every ``poll_interval`` seconds. A lapped reader gets a
+    "records overwritten" line; a ring replaced by a fresh file (moved aside
+    after damage) is followed from its start, and a missing file waited for.
+    """
+    stop = stop or threading.Event()
+    render = _Renderer(out, timestamps=timestamps, as_json=as_json, raw=raw)
+    path = Path(ring_path)
+    reader: RingReader | None = None
+    cursor: int | None = from_seq
+    try:
+        while True:
+            reader, cursor = _follow_step(path, reader, cursor, render)
+            out.flush()
+            if stop.wait(poll_interval):
+                return
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def _follow_step(
+    path: Path, reader: RingReader | None, cursor: int | None, render: _Renderer
+) -> tuple[RingReader | None, int | None]:
+    """One poll: (re)open the ring if needed, write what is new; return the new state."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return reader, cursor  # moved aside, the new one not created yet
+    now = _now_ns()
+    if reader is not None and reader.inode != (st.st_dev, st.st_ino):
+        reader.close()
+        reader = None
+        render.note("ring file replaced; following the new one from its start", now)
+        cursor = None
+    if reader is None:
+        try:
+            reader = RingReader(path)
+        except RingError:
+            return None, cursor  # being created: try again next poll
+    if cursor is not None and reader.next_seq() < cursor:
+        render.note("ring went back after a crash; continuing from its end", now)
+        cursor = reader.next_seq()
+    after = _emit(render, reader.records(cursor), -1, 0)
+    if after is not None:
+        cursor = after
+    elif cursor is None:
+        cursor = reader.next_seq()
+    return reader, cursor
+
+
+def _now_ns() -> int:
+    return int(datetime.now(UTC).timestamp() * 1_000_000_000)
