@@ -4,7 +4,7 @@ Every action is checked against the identity's role, audited (who, VM,
 action, result, QMP error class) and marked in the ring, so the guest's
 answer can be read in context later (``NMI sent by alice``).
 
-What carries each action depends on the port (see docs/operations.md):
+What carries each action depends on the port (see docs/hypervisor.md):
 BREAK goes to the port (``tcsendbreak`` on a PTY/tty, ``IAC BRK`` on a telnet
 socket); SysRq uses ``IAC BRK`` + key on a telnet socket, else QMP
 ``send-key`` alt+sysrq+KEY, which works whatever the port; NMI and reset
@@ -17,7 +17,7 @@ import re
 from typing import TYPE_CHECKING
 
 from .access import Action, Identity, allowed
-from .config import Role
+from .config import PortKind, Role
 from .console import Console
 from .errors import AccessDenied, HypervisorError, HypervisorUnavailable, SerialmuxError
 from .escape import Action as Key
@@ -27,8 +27,12 @@ if TYPE_CHECKING:
 
 SYSRQ_KEYS = re.compile(r"[0-9a-z]")
 
-_FROM_ESCAPE = {Key.BREAK: Action.BREAK, Key.NMI: Action.NMI, Key.RESET: Action.RESET,
-                Key.SYSRQ: Action.SYSRQ}
+_FROM_ESCAPE = {
+    Key.BREAK: Action.BREAK,
+    Key.NMI: Action.NMI,
+    Key.RESET: Action.RESET,
+    Key.SYSRQ: Action.SYSRQ,
+}
 
 
 def from_escape(key: Key) -> Action:
@@ -43,28 +47,40 @@ def role_of(daemon: Daemon, identity: Identity, vm: str) -> Role | None:
     return daemon.config.role_for(identity.user, vm)
 
 
-async def perform(daemon: Daemon, console: Console, identity: Identity, action: Action,
-                  arg: str | None = None) -> str:
+async def perform(
+    daemon: Daemon, console: Console, identity: Identity, action: Action, arg: str | None = None
+) -> str:
     """Do *action* on *console* for *identity*; return a one-line result or raise."""
-    audit = {"vm": console.name, "user": identity.user, "session": identity.session_id,
-             "peer": identity.peer, "action": action.name.lower(), "arg": arg}
+    audit = {
+        "vm": console.name,
+        "user": identity.user,
+        "session": identity.session_id,
+        "peer": identity.peer,
+        "action": action.name.lower(),
+        "arg": arg,
+    }
     if not allowed(role_of(daemon, identity, console.name), action):
         daemon.audit.event("command", result="refused", reason="role too low", **audit)
-        raise AccessDenied(f"{action.name.lower()} needs the contributor or owner role",
-                           user=identity.user, vm=console.name)
+        raise AccessDenied(
+            f"{action.name.lower()} needs the contributor or owner role",
+            user=identity.user,
+            vm=console.name,
+        )
     try:
         text = await _do(console, action, arg)
     except HypervisorError as exc:
-        daemon.audit.event("command", result="failed", reason=str(exc),
-                           error_class=exc.error_class, **audit)
+        daemon.audit.event(
+            "command", result="failed", reason=str(exc), error_class=exc.error_class, **audit
+        )
         raise
     except SerialmuxError as exc:
         daemon.audit.event("command", result="failed", reason=str(exc), **audit)
         raise
     daemon.audit.event("command", result="ok", **audit)
     what = action.name if action is not Action.SYSRQ else f"SysRq {arg}"
-    console.mark("ACTION", f"{what} sent by {identity.user}", user=identity.user,
-                 action=action.name.lower())
+    console.mark(
+        "ACTION", f"{what} sent by {identity.user}", user=identity.user, action=action.name.lower()
+    )
     return text
 
 
@@ -77,6 +93,14 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
         problem = await console.port.send_break()
         if problem:
             raise SerialmuxError(f"{name}: BREAK not sent: {problem}")
+        if hv is not None and console.port.spec.kind in (PortKind.PTY, PortKind.QMP):
+            # A QEMU VM (it has QMP) on a PTY: tcsendbreak() succeeds but QEMU's PTY chardev
+            # drops the BREAK. Say so rather than promise a SysRq; another program behind a
+            # PTY, or a real tty, may honour it.
+            return (
+                f"BREAK sent to {name} (tcsendbreak; a QEMU -serial pty drops it: "
+                "for Magic SysRq use ^] s KEY or 'sysrq KEY')"
+            )
         return f"BREAK sent to {name}"
     if action is Action.SYSRQ:
         if not arg or not SYSRQ_KEYS.fullmatch(arg):
@@ -86,13 +110,14 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
             return f"SysRq {arg} sent to {name} (BREAK + key on the serial line)"
         if hv is None:
             raise HypervisorUnavailable(
-                "SysRq needs a qmp = ... control socket, or a unix+telnet: port", vm=name)
+                "SysRq needs a qmp = ... control socket, or a unix+telnet: port", vm=name
+            )
         await hv.sysrq(arg)
         return f"SysRq {arg} sent to {name} (QMP send-key)"
     if hv is None:
         raise HypervisorUnavailable(
-            f"{action.name} is not available: no qmp = \"unix:...\" configured for this VM",
-            vm=name)
+            f'{action.name} is not available: no qmp = "unix:..." configured for this VM', vm=name
+        )
     if action is Action.NMI:
         await hv.nmi()
         return f"NMI sent to {name}"

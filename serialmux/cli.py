@@ -96,7 +96,7 @@ def demo(port: int) -> None:
 def logs(vm: str, config_path: str, lines: int, follow: bool, since: str | None, boot: bool,
          timestamps: bool, as_json: bool, raw: bool) -> None:
     """Print a VM's scrollback, read from its ring file (daemon running or not)."""
-    from . import logs as logs_mod
+    from .logs import follow_logs, parse_since, write_logs
 
     if not check_name(vm):
         raise click.BadParameter("not a valid VM name", param_hint="VM")
@@ -108,17 +108,17 @@ def logs(vm: str, config_path: str, lines: int, follow: bool, since: str | None,
     when = None
     if since:
         try:
-            when = logs_mod.parse_since(since, datetime.now(UTC))
+            when = parse_since(since, datetime.now(UTC))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--since") from None
     out = sys.stdout.buffer
     try:
-        cursor = logs_mod.write_logs(Path(path), out, lines=None if (since or boot) else lines,
+        cursor = write_logs(Path(path), out, lines=None if (since or boot) else lines,
                                      since=when, boot=boot, timestamps=timestamps,
                                      as_json=as_json, raw=raw)
         out.flush()
         if follow:
-            logs_mod.follow_logs(Path(path), out, cursor, timestamps=timestamps,
+            follow_logs(Path(path), out, cursor, timestamps=timestamps,
                                  as_json=as_json, raw=raw)
     except FileNotFoundError:
         click.echo(f"serialmux: no ring for {vm!r} at {path} (has the daemon run?)", err=True)
@@ -128,3 +128,161 @@ def logs(vm: str, config_path: str, lines: int, follow: bool, since: str | None,
         sys.exit(1)
     except (KeyboardInterrupt, BrokenPipeError):
         pass
+
+
+# -- local control (the daemon's control socket; root or the serialmux group) ----------
+
+
+def _runtime_dir(config_path: str) -> Path:
+    """server.runtime_dir of the config, read leniently: a config with errors still has one."""
+    import tomllib
+
+    from .config import ServerConfig
+
+    try:
+        return load_config(config_path).server.runtime_dir
+    except ConfigError:
+        pass
+    try:
+        raw = tomllib.loads(Path(config_path).read_text()).get("server", {}).get("runtime_dir")
+    except (OSError, ValueError, AttributeError):
+        raw = None
+    if isinstance(raw, str):
+        return Path(config_path).parent / raw
+    return ServerConfig().runtime_dir
+
+
+def _control(config_path: str, payload: dict[str, object]) -> dict[str, object]:
+    from . import control
+
+    try:
+        return control.request(_runtime_dir(config_path), payload)
+    except SerialmuxError as exc:
+        click.echo(f"serialmux: {exc}", err=True)
+        sys.exit(1)
+
+
+def _vm_arg(vm: str | None) -> str | None:
+    if vm is not None and not check_name(vm):
+        raise click.BadParameter("not a valid VM name", param_hint="VM")
+    return vm
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_path: str, as_json: bool) -> None:
+    """Show each VM (port, writer, watchers, bytes, ring) and each listener."""
+    import json
+
+    from .control import render_status
+
+    report = _control(config_path, {"cmd": "status"})["status"]
+    assert isinstance(report, dict)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for line in render_status(report):
+            click.echo(line)
+
+
+@main.command()
+@click.argument("vm")
+@config_option
+def who(vm: str, config_path: str) -> None:
+    """Who is attached to VM: the writer and the watchers."""
+    lines = _control(config_path, {"cmd": "who", "vm": _vm_arg(vm)})["lines"]
+    assert isinstance(lines, list)
+    for line in lines:
+        click.echo(line)
+
+
+@main.command()
+@click.argument("vm")
+@config_option
+@click.option("--user", help="Disconnect every session of this user (default: the writer).")
+def kick(vm: str, config_path: str, user: str | None) -> None:
+    """Disconnect VM's writer, or every session of --user."""
+    click.echo(_control(config_path, {"cmd": "kick", "vm": _vm_arg(vm), "user": user})["result"])
+
+
+def _action_command(name: str, doc: str) -> None:
+    @main.command(name, help=doc)
+    @click.argument("vm")
+    @config_option
+    def command(vm: str, config_path: str) -> None:
+        click.echo(_control(config_path, {"cmd": name, "vm": _vm_arg(vm)})["result"])
+
+
+_action_command("break", "Send a serial BREAK to VM.")
+_action_command("nmi", "Inject an NMI into VM (needs qmp).")
+_action_command("reset", "Hard-reset VM (needs qmp).")
+
+
+@main.command()
+@click.argument("vm")
+@click.argument("key")
+@config_option
+def sysrq(vm: str, key: str, config_path: str) -> None:
+    """Send Magic SysRq KEY (0-9, a-z) to VM."""
+    click.echo(_control(config_path, {"cmd": "sysrq", "vm": _vm_arg(vm), "arg": key})["result"])
+
+
+@main.command()
+@click.argument("vm", required=False)
+@config_option
+@click.option("--reason", default="", help="Shown to whoever tries to attach.")
+def disable(vm: str | None, config_path: str, reason: str) -> None:
+    """Refuse attaching to VM (or to every VM) and close its sessions."""
+    click.echo(_control(config_path, {"cmd": "disable", "vm": _vm_arg(vm),
+                                      "reason": reason})["result"])
+
+
+@main.command()
+@click.argument("vm", required=False)
+@config_option
+def enable(vm: str | None, config_path: str) -> None:
+    """Allow attaching to VM (or to every VM) again."""
+    click.echo(_control(config_path, {"cmd": "enable", "vm": _vm_arg(vm)})["result"])
+
+
+@main.command()
+@config_option
+def reload(config_path: str) -> None:
+    """Re-read the configuration (like systemctl reload); errors keep the running one."""
+    click.echo(_control(config_path, {"cmd": "reload"})["result"])
+
+
+@main.command()
+@click.argument("vm")
+@config_option
+@click.option("--ro", is_flag=True, help="Watch only.")
+@click.option("--safe", is_flag=True, help="Do not take over; refuse if someone is typing.")
+@click.option("--replay", default=20, show_default=True, help="Lines of scrollback first.")
+def attach(vm: str, config_path: str, ro: bool, safe: bool, replay: int) -> None:
+    """The VM's console on this terminal (Ctrl-] . leaves, Ctrl-] ? lists escapes)."""
+    from . import control
+
+    try:
+        control.attach(_runtime_dir(config_path),
+                       {"vm": _vm_arg(vm), "ro": ro, "safe": safe, "replay": replay},
+                       sys.stdin.fileno(), sys.stdout.fileno())
+    except SerialmuxError as exc:
+        click.echo(f"serialmux: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command("totp-enroll")
+@click.argument("user")
+@config_option
+def totp_enroll(user: str, config_path: str) -> None:
+    """Create USER's TOTP secret (0600 under state_dir/totp) and print its otpauth:// URI once."""
+    from .mfa import TotpStore
+
+    config = _load(config_path)
+    if user not in config.users:
+        click.echo(f"serialmux: {user!r} is not a user in {config.path}", err=True)
+        sys.exit(1)
+    uri = TotpStore(config.server.state_dir).enroll(user)
+    click.echo(f"TOTP secret for {user} written; add it to an authenticator app (shown once):")
+    click.echo(uri)

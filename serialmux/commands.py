@@ -14,6 +14,7 @@ import io
 import shlex
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import asyncssh
@@ -23,6 +24,7 @@ from .access import Action, Identity, allowed
 from .config import Role
 from .console import Console
 from .errors import SerialmuxError
+from .logs import follow_logs, parse_since, write_logs
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -244,26 +246,24 @@ async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, ident
     ns = logs_parser().parse_args(args)
     if console.ring is None:
         raise SerialmuxError(f"{console.name} has no scrollback ring")
-    from . import logs
-
     since = None
     if ns.since:
-        from datetime import UTC, datetime
         try:
-            since = logs.parse_since(ns.since, datetime.now(UTC))
+            since = parse_since(ns.since, datetime.now(UTC))
         except ValueError as exc:
             raise UsageError(f"logs: --since: {exc}") from None
     loop = asyncio.get_running_loop()
     stop = threading.Event()
-    sink = _ChannelFile(process, loop)
+    channel = _ChannelFile(process, loop)
+    sink = io.BufferedWriter(channel, buffer_size=64 * 1024)
     path = console.ring.path
 
     def work() -> None:
-        cursor = logs.write_logs(path, sink, lines=None if (ns.since or ns.boot) else ns.lines,
+        cursor = write_logs(path, sink, lines=None if (ns.since or ns.boot) else ns.lines,
                                  since=since, boot=ns.boot, timestamps=ns.timestamps,
                                  as_json=ns.json, raw=ns.raw)
         if ns.follow:
-            logs.follow_logs(path, sink, cursor, timestamps=ns.timestamps, as_json=ns.json,
+            follow_logs(path, sink, cursor, timestamps=ns.timestamps, as_json=ns.json,
                              raw=ns.raw, stop=stop)
 
     reader = asyncio.ensure_future(asyncio.to_thread(work))
@@ -272,7 +272,7 @@ async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, ident
         await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.set()
-        sink.closed_flag = True
+        channel.closed_flag = True
         closed.cancel()
         with contextlib.suppress(asyncio.CancelledError, BrokenPipeError):
             await reader

@@ -15,18 +15,17 @@ import fnmatch
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .keys import AuthorizedKey, KeyParseError, parse_authorized_keys
+from .redact import RedactRule, parse_rules
+from .ring import DEFAULT_RING_SIZE, parse_size
 
 DEFAULT_PORT = 2222
 DEFAULT_BAUD = 115200
-DEFAULT_RING_SIZE = 1 << 20
-MIN_RING_SIZE = 64 << 10
-MAX_RING_SIZE = 1 << 30
 
 # Names that come from users (the SSH login name) and from the config must pass
 # this before they are used for anything, paths included.
@@ -148,25 +147,6 @@ def _split_host_port(text: str, *, what: str) -> tuple[str, int]:
     return host, port
 
 
-def parse_size(value: object) -> int:
-    """Parse a ring size such as ``"64KiB"``, ``"1 MiB"``, ``"1GiB"`` or an integer of bytes."""
-    if isinstance(value, bool):
-        raise ValueError(f"size {value!r} must be a number of bytes or e.g. '1MiB'")
-    if isinstance(value, int):
-        size = value
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*", value, re.IGNORECASE)
-        if not m:
-            raise ValueError(f"size {value!r} must look like '64KiB', '1MiB' or '1GiB'")
-        unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
-        size = int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[unit]
-    else:
-        raise ValueError(f"size {value!r} must be a number of bytes or e.g. '1MiB'")
-    if not MIN_RING_SIZE <= size <= MAX_RING_SIZE:
-        raise ValueError(f"size {value!r} must be between 64KiB and 1GiB")
-    return size
-
-
 def parse_bytes_literal(text: str) -> bytes:
     r"""Turn a TOML string like ``"\u0004"`` or ``"exit\r"`` into the bytes sent to the guest."""
     return text.encode("latin-1", errors="strict")
@@ -184,6 +164,7 @@ class VMConfig:
     on_detach: bytes | None = None
     idle_timeout: float | None = None
     enabled: bool = True
+    redact: tuple[RedactRule, ...] = ()  # [server] redact first, then this VM's
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +206,7 @@ class SSHSettings:
     keepalive_count_max: int = 3
     user_ca_keys: tuple[str, ...] = ()
     revoked_keys: str | None = None
+    per_source_max_startups: int | None = None  # sshd PerSourceMaxStartups (default none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +220,16 @@ class ServerConfig:
     enabled: bool = True
     stall_timeout: float = 60.0
     audit_file: Path | None = None
+    redact: tuple[RedactRule, ...] = ()  # applied to every VM
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """The ``[discovery]`` table: VMs found as ``NAME.serial`` (+ ``NAME.qmp``) in a directory."""
+
+    dir: Path
+    ring_size: int = DEFAULT_RING_SIZE
+    baud: int = DEFAULT_BAUD
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +242,7 @@ class Config:
     users: Mapping[str, UserConfig] = field(default_factory=dict)
     grants: tuple[Grant, ...] = ()
     path: Path | None = None
+    discovery: DiscoveryConfig | None = None
 
     def role_for(self, user: str, vm: str) -> Role | None:
         """Return the highest role *user* holds on *vm*, or None."""
@@ -373,13 +366,15 @@ class _Loader:
 
 
 _SERVER_KEYS = {"listen", "host_keys", "state_dir", "runtime_dir", "enabled", "stall_timeout",
-                "audit_file"}
+                "audit_file", "redact"}
 _SSH_KEYS = {"login_timeout", "max_auth_tries", "max_startups", "penalty_authfail", "penalty_max",
-             "keepalive_interval", "keepalive_count_max", "user_ca_keys", "revoked_keys"}
-_VM_KEYS = {"port", "baud", "qmp", "ring_size", "on_detach", "idle_timeout", "enabled"}
+             "keepalive_interval", "keepalive_count_max", "user_ca_keys", "revoked_keys",
+             "per_source_max_startups"}
+_VM_KEYS = {"port", "baud", "qmp", "ring_size", "on_detach", "idle_timeout", "enabled", "redact"}
 _DEFAULT_KEYS = {"ring_size", "baud", "on_detach", "idle_timeout"}
 _USER_KEYS = {"keys", "authorized_keys", "groups"}
 _GRANT_KEYS = {"users", "groups", "vms", "role", "mfa"}
+_DISCOVERY_KEYS = {"dir", "ring_size", "baud", "libvirt"}
 
 
 def load_config(path: str | Path) -> Config:
@@ -404,12 +399,12 @@ def parse_config(text: str, path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
-        raise ConfigError(
-            f"TOML syntax: {exc}", path=str(path), line=int(m.group(1)) if m else None
-        ) from exc
+        line = int(m.group(1)) if m else max(1, len(text.splitlines()))  # "end of document"
+        raise ConfigError(f"TOML syntax: {exc}", path=str(path), line=line) from exc
     ld = _Loader(path, text)
     base = path.parent
-    ld.unknown(data, "", {"server", "ssh", "defaults", "vms", "users", "groups", "grants"})
+    ld.unknown(data, "", {"server", "ssh", "defaults", "vms", "users", "groups", "grants",
+                          "discovery"})
 
     server = _load_server(ld, ld.table(data, "server", "server"), base)
     ssh = _load_ssh(ld, ld.table(data, "ssh", "ssh"), base)
@@ -428,6 +423,8 @@ def parse_config(text: str, path: Path) -> Config:
         vm = _load_vm(ld, key, name, {**defaults, **table})
         if vm is not None:
             vms[name] = vm
+            if server.redact:
+                vms[name] = replace(vm, redact=server.redact + vm.redact)
 
     group_table = ld.table(data, "groups", "groups")
     members: dict[str, list[str]] = {}
@@ -468,10 +465,32 @@ def parse_config(text: str, path: Path) -> Config:
         if grant is not None:
             grants.append(grant)
 
+    discovery = (_load_discovery(ld, ld.table(data, "discovery", "discovery"), base)
+                 if "discovery" in data else None)
+
     if ld.errors:
         raise ld.errors[0] if len(ld.errors) == 1 else ConfigErrors(ld.errors)
     return Config(server=server, ssh=ssh, vms=vms, users=users, grants=tuple(grants),
-                  path=path)
+                  path=path, discovery=discovery)
+
+
+def _load_discovery(ld: _Loader, t: Mapping[str, Any], base: Path) -> DiscoveryConfig | None:
+    ld.unknown(t, "discovery", _DISCOVERY_KEYS)
+    if "libvirt" in t:
+        ld.error("discovery.libvirt", "libvirt discovery is not implemented in this version; "
+                                      "use dir = \"/run/serialmux/vms\" (see docs/operations.md)")
+    raw_dir = ld.typed(t, "discovery", "dir", str, None)
+    if raw_dir is None:
+        ld.error("discovery.dir", "is required, e.g. dir = \"/run/serialmux/vms\"")
+        return None
+    ring_size = DEFAULT_RING_SIZE
+    if "ring_size" in t:
+        try:
+            ring_size = parse_size(t["ring_size"])
+        except ValueError as exc:
+            ld.error("discovery.ring_size", str(exc))
+    baud = ld.typed(t, "discovery", "baud", int, DEFAULT_BAUD)
+    return DiscoveryConfig(dir=_resolve(base, raw_dir), ring_size=ring_size, baud=baud)
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -504,7 +523,18 @@ def _load_server(ld: _Loader, t: Mapping[str, Any], base: Path) -> ServerConfig:
         enabled=ld.typed(t, "server", "enabled", bool, True),
         stall_timeout=float(stall),
         audit_file=_resolve(base, audit_file) if audit_file else None,
+        redact=_load_redact(ld, t, "server"),
     )
+
+
+def _load_redact(ld: _Loader, t: Mapping[str, Any], key: str) -> tuple[RedactRule, ...]:
+    if "redact" not in t:
+        return ()
+    try:
+        return parse_rules(t["redact"])
+    except ValueError as exc:
+        ld.error(f"{key}.redact", str(exc))
+        return ()
 
 
 def _load_ssh(ld: _Loader, t: Mapping[str, Any], base: Path) -> SSHSettings:
@@ -536,7 +566,11 @@ def _load_ssh(ld: _Loader, t: Mapping[str, Any], base: Path) -> SSHSettings:
             ld.error(f"ssh.{name}", "must be at least 1")
         ints[name] = value
     revoked = ld.typed(t, "ssh", "revoked_keys", str, None)
+    per_source = ld.typed(t, "ssh", "per_source_max_startups", int, None)
+    if per_source is not None and per_source < 1:
+        ld.error("ssh.per_source_max_startups", "must be at least 1 (leave it out for none)")
     return SSHSettings(
+        per_source_max_startups=per_source,
         max_startups=startups,
         user_ca_keys=tuple(
             str(_resolve(base, p)) for p in ld.string_list(t, "ssh", "user_ca_keys")),
@@ -589,6 +623,7 @@ def _load_vm(ld: _Loader, key: str, name: str, t: Mapping[str, Any]) -> VMConfig
     return VMConfig(
         name=name, port=port, baud=baud, qmp=qmp, ring_size=ring_size, on_detach=on_detach,
         idle_timeout=float(idle) if idle else None, enabled=ld.typed(t, key, "enabled", bool, True),
+        redact=_load_redact(ld, t, key),
     )
 
 

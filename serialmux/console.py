@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .config import VMConfig
 from .errors import AccessDenied
 from .log import Audit, get_logger, utc_now
 from .port import VMPort
+from .redact import FLUSH_AFTER, Redactor
 
 if TYPE_CHECKING:
     from .qmp import Hypervisor
@@ -42,7 +44,10 @@ class Backlog:
     """The most recent output of a console, addressed by absolute byte offset."""
 
     def __init__(self, capacity: int = BACKLOG_SIZE) -> None:
-        self._buf = bytearray(capacity)
+        # An anonymous mapping, not a bytearray: it goes back to the OS when the
+        # console does, where freed 256 KiB heap blocks would raise glibc's mmap
+        # threshold and fragment the heap as discovered VMs come and go.
+        self._buf = mmap.mmap(-1, capacity)
         self._cap = capacity
         self.end = 0  # offset just past the newest byte
         self._waiter: asyncio.Future[None] | None = None
@@ -136,16 +141,44 @@ class Console:
         self.down_reason: str | None = "not opened yet"
         self.hypervisor: Hypervisor | None = None
         self.disabled: str | None = None  # reason, when disabled
+        # Called (loop thread) after the port goes up or down; the daemon updates STATUS=.
+        self.on_state_change: Callable[[], None] = lambda: None
         self._tasks: asyncio.TaskGroup | None = None
+        self.redactor = Redactor(vm.redact) if vm.redact else None
+        self._redact_timer: asyncio.TimerHandle | None = None
 
     # -- PortSink ---------------------------------------------------------------
 
     def port_data(self, data: bytes) -> None:
-        """Guest output: to the ring first (the record), then to the live backlog."""
+        """Guest output: to the ring first (the record, redacted), then to the live backlog."""
         self.bytes_read += len(data)
         if self.ring is not None:
-            self.ring.append(data)
+            if self.redactor is None:
+                self.ring.append(data)
+            else:
+                ready = self.redactor.feed(data)
+                if ready:
+                    self.ring.append(ready)
+                self._arm_redact_flush()
         self.backlog.append(data)
+
+    def _arm_redact_flush(self) -> None:
+        # Held-back output reaches the ring within FLUSH_AFTER s even without a newline.
+        if self.redactor is None or not self.redactor.pending or self._redact_timer is not None:
+            return
+        self._redact_timer = asyncio.get_running_loop().call_later(
+            FLUSH_AFTER, self.flush_redacted)
+
+    def flush_redacted(self) -> None:
+        """Write output held back by redaction to the ring (timer, markers, shutdown)."""
+        if self._redact_timer is not None:
+            self._redact_timer.cancel()
+            self._redact_timer = None
+        if self.redactor is not None and self.ring is not None:
+            data = self.redactor.flush()
+            if data:
+                with contextlib.suppress(OSError):
+                    self.ring.append(data)
 
     def port_up(self, description: str) -> None:
         """The port opened: mark it and tell everyone attached."""
@@ -154,6 +187,7 @@ class Console:
         self.state_since = utc_now()
         self._marker("VM_UP", f"console up ({description})")
         self.notice(f"{self.name} console is up")
+        self.on_state_change()
 
     def port_down(self, reason: str) -> None:
         """The port was lost: mark it and tell everyone attached."""
@@ -162,6 +196,7 @@ class Console:
         self.state_since = utc_now()
         self._marker("VM_DOWN", f"console down: {reason}")
         self.notice(f"{self.name} console is down ({reason}); waiting for it to come back")
+        self.on_state_change()
 
     # -- attachments ------------------------------------------------------------
 
@@ -248,6 +283,9 @@ class Console:
         if self.ring is None:
             return
         from .ring import RecordKind
+
+        if self.redactor is not None:
+            self.flush_redacted()  # output before the marker stays before it
 
         with contextlib.suppress(OSError):
             self.ring.marker(RecordKind[kind], text, **fields)

@@ -23,13 +23,20 @@ import asyncssh
 
 from . import session as session_mod
 from .access import Identity
+from .auth import Gate, Revocations, load_cas
 from .config import Config, VMConfig
 from .console import Console
 from .errors import SerialmuxError
 from .log import Audit, get_logger, utc_now
+from .mfa import TotpStore
+from .port import VMPort
 from .ring import SYNC_INTERVAL, RecordKind, RingReader, RingWriter, Skipped
 from .sdnotify import Notifier
 from .sshd import start_listeners
+
+if TYPE_CHECKING:
+    from .control import ControlServer
+    from .discovery import Discovery
 
 if TYPE_CHECKING:
     from .session import Session
@@ -61,10 +68,20 @@ class Daemon:
         self.addresses: list[tuple[str, int]] = []
         self.started = time.time()
         self.disabled_all: str | None = None
+        # Authentication policy (serialmux.auth, serialmux.mfa): owned here, used by sshd/session.
+        self.gate = Gate(config.ssh)
+        self.user_cas = load_cas(config.ssh.user_ca_keys)
+        self.revoked = Revocations(config.ssh.revoked_keys)
+        self.totp = TotpStore(config.server.state_dir)
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: asyncio.TaskGroup | None = None
         self._console_tasks: dict[str, asyncio.Task[None]] = {}
+        self._hv_tasks: dict[str, asyncio.Task[None]] = {}
+        self.control: ControlServer | None = None
+        self.discovery: Discovery | None = None
+        self.changes = asyncio.Lock()  # one reload or discovery change at a time
+        self._last_status = ""
 
     # -- public ------------------------------------------------------------------
 
@@ -96,7 +113,7 @@ class Daemon:
     async def serve(self) -> None:
         """Run until :meth:`stop` (or SIGTERM/SIGINT); start-up errors raise."""
         server = self.config.server
-        for d in (server.state_dir, self.ring_dir):
+        for d in (server.state_dir, self.ring_dir, server.runtime_dir):
             d.mkdir(mode=0o750, parents=True, exist_ok=True)
         self._load_disabled()
         self._install_signals()
@@ -106,15 +123,24 @@ class Daemon:
                 self._tasks = tg
                 for vm in self.config.vms.values():
                     self._add_console(vm)
+                if self.config.discovery is not None:
+                    from .discovery import Discovery
+                    self.discovery = Discovery(self, self.config.discovery)
+                    self.discovery.start()  # the first scan adds its consoles now
+                    tg.create_task(self.discovery.run())
                 await self._wait_ports_tried()
                 self.acceptors = await start_listeners(
                     self, lambda process: session_mod.handle(self, process))
                 self.addresses = [
                     sock.getsockname()[:2] for a in self.acceptors for sock in a.sockets]
+                from .control import ControlServer
+                self.control = ControlServer(self)
+                self.control.bind()
+                tg.create_task(self.control.serve())
                 tg.create_task(self._sync_rings())
                 tg.create_task(self.notifier.watchdog_loop())
                 self._ready.set()
-                summary = self.summary()
+                summary = self._last_status = self.summary()
                 self.notifier.ready(summary)
                 log.info("ready", listen=[f"{h}:{p}" for h, p in self.addresses],
                          consoles=len(self.consoles), status=summary)
@@ -127,6 +153,10 @@ class Daemon:
             pass
         finally:
             self._tasks = None
+            if self.control is not None:
+                self.control.close()
+            if self.discovery is not None:
+                self.discovery.close()
             self._remove_signals()
             self._close_rings()
             self.audit.event("daemon_stop", result="ok")
@@ -144,9 +174,18 @@ class Daemon:
                 async with asyncio.timeout(PORT_TRY_TIMEOUT):
                     await asyncio.gather(*waits)
 
+    def status_changed(self) -> None:
+        """Send systemd the one-line summary if it changed (attach, detach, port, reload)."""
+        text = self.summary()
+        if self._ready.is_set() and not self._stop.is_set() and text != self._last_status:
+            self._last_status = text
+            self.notifier.status(text)
+
     async def _shutdown(self) -> None:
         self.notifier.stopping()
         log.info("stopping", sessions=len(self.sessions))
+        if self.control is not None:
+            self.control.close()
         for acceptor in self.acceptors:
             acceptor.close()
         for console in self.consoles.values():
@@ -163,12 +202,14 @@ class Daemon:
         """Track an attached session (for shutdown and status)."""
         self.sessions.add(session)
         self._no_sessions.clear()
+        self.status_changed()
 
     def session_ended(self, session: Session) -> None:
         """Forget a session; wakes the shutdown when it was the last."""
         self.sessions.discard(session)
         if not self.sessions:
             self._no_sessions.set()
+        self.status_changed()
 
     # -- consoles ------------------------------------------------------------------
 
@@ -180,11 +221,60 @@ class Daemon:
             console.disabled = self._disabled_vms[vm.name]
         if vm.qmp:
             self._add_hypervisor(console, vm.qmp)
+        console.on_state_change = self.status_changed
         self.consoles[vm.name] = console
         self._console_tasks[vm.name] = self._tasks.create_task(console.run())
         return console
 
+    def add_console(self, vm: VMConfig) -> Console:
+        """Add and start a console while serving (reload, discovery); its port opens later."""
+        console = self._add_console(vm)
+        self.status_changed()
+        return console
+
+    async def stop_console(self, name: str) -> None:
+        """Cancel *name*'s port and hypervisor tasks; wait (bounded) until they have ended."""
+        tasks = [t for t in (self._console_tasks.pop(name, None), self._hv_tasks.pop(name, None))
+                 if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_GRACE):
+                    await asyncio.wait(tasks)
+
+    async def remove_console(self, name: str, reason: str) -> None:
+        """Tell and close *name*'s sessions, stop its port, close its ring with a marker."""
+        console = self.consoles.pop(name)
+        console.close_all(reason)
+        await self.stop_console(name)
+        ring, console.ring = console.ring, None
+        if ring is not None:
+            with contextlib.suppress(OSError):
+                ring.marker(RecordKind.NOTE, f"console removed: {reason}")
+                ring.close()
+        self.status_changed()
+
+    async def reopen_console(self, vm: VMConfig) -> None:
+        """Give a console a new port (or QMP, or ring size); its sessions stay attached."""
+        console = self.consoles[vm.name]
+        await self.stop_console(vm.name)
+        if console.up:
+            console.port_down("port changed by a configuration reload")
+        if console.ring is not None and console.ring.size != vm.ring_size:
+            with contextlib.suppress(OSError):
+                console.ring.close()
+            console.ring = self._open_ring(vm)
+        console.vm = vm
+        console.port = VMPort(vm, console)
+        console.hypervisor = None
+        if vm.qmp:
+            self._add_hypervisor(console, vm.qmp)
+        assert self._tasks is not None
+        self._console_tasks[vm.name] = self._tasks.create_task(console.run())
+
     def _add_hypervisor(self, console: Console, address: str) -> None:
+        from .errors import HypervisorError
         from .qmp import Hypervisor
 
         assert self._tasks is not None
@@ -192,17 +282,24 @@ class Daemon:
         def on_event(name: str, data: dict[str, Any]) -> None:
             self._vm_event(console, name, data)
 
-        hv = Hypervisor(console.name, address, on_event=on_event)
+        # A new QMP session means QEMU (re)started: open its serial port now, not after backoff
+        # (a PTY or server socket drops what the guest prints while nobody holds it).
+        hv = Hypervisor(console.name, address, on_event=on_event,
+                        on_connect=console.port.retry_now)
         console.hypervisor = hv
         label = console.vm.port.path
 
         async def resolve() -> str | None:
             if not await hv.wait_connected(2.0):
                 return None
-            return await hv.chardev_pty(label)
+            try:
+                return await hv.chardev_pty(label)
+            except HypervisorError as exc:  # QEMU went away mid-query: the port retries
+                log.info("pty_lookup_failed", vm=console.name, chardev=label, error=str(exc))
+                return None
 
         console.port.set_pty_resolver(resolve)
-        self._tasks.create_task(hv.run())
+        self._hv_tasks[console.name] = self._tasks.create_task(hv.run())
 
     def _vm_event(self, console: Console, name: str, data: dict[str, Any]) -> None:
         text = {"RESET": "VM reset", "SHUTDOWN": "VM shut down", "STOP": "VM paused",
@@ -231,6 +328,7 @@ class Daemon:
 
     def _close_rings(self) -> None:
         for console in self.consoles.values():
+            console.flush_redacted()
             if console.ring is not None:
                 with contextlib.suppress(OSError):
                     console.ring.marker(RecordKind.DAEMON_STOP, "serialmux stopped")
@@ -254,41 +352,47 @@ class Daemon:
 
     # -- replay --------------------------------------------------------------------
 
-    def replay_start(self, console: Console, lines: int) -> tuple[int, int] | None:
-        """Fix the replay window at attach time: (first seq, end seq), or None."""
+    def replay_start(self, console: Console, lines: int) -> tuple[int, int, int] | None:
+        """Fix the replay window at attach time: (first seq, byte offset in it, end seq).
+
+        Called in the same loop step as the session takes its live cursor, so
+        replay and live output meet exactly: nothing lost, nothing twice.
+        """
         if console.ring is None:
             return None
         until = console.ring.next_seq
         try:
-            reader = RingReader(console.ring.path)
-        except (SerialmuxError, OSError):
+            with RingReader(console.ring.path) as reader:
+                seq, offset = reader.tail_position(lines, until_seq=until)
+        except (SerialmuxError, OSError) as exc:
+            log.warning("replay_unavailable", vm=console.name, error=str(exc))
             return None
-        try:
-            return reader.tail_from_lines(lines, until_seq=until), until
-        finally:
-            reader.close()
+        return seq, offset, until
 
-    async def replay(self, console: Console, window: tuple[int, int],
+    async def replay(self, console: Console, window: tuple[int, int, int],
                      write: Callable[[bytes], Awaitable[None]]) -> None:
-        """Stream the window's guest output from the ring, in batches with backpressure."""
+        """Stream the window's guest output from the ring, in batches with backpressure.
+
+        The ring is read a record at a time, never loaded whole: a 1 GiB ring
+        replays in REPLAY_BATCH pieces, each written and drained before the next.
+        """
         if console.ring is None:
             return
-        first, until = window
-        reader = RingReader(console.ring.path)
+        first, skip, until = window
         batch = bytearray()
-        try:
+        with RingReader(console.ring.path) as reader:
             for record in reader.records(first, until_seq=until):
-                if isinstance(record, Skipped):
+                if isinstance(record, Skipped) or record.kind is not RecordKind.OUTPUT:
                     continue
-                if record.kind is RecordKind.OUTPUT:
-                    batch += record.payload
+                payload = record.payload
+                if record.seq == first and skip:
+                    payload = payload[skip:]
+                batch += payload
                 if len(batch) >= REPLAY_BATCH:
                     await write(bytes(batch))
                     batch.clear()
-            if batch:
-                await write(bytes(batch))
-        finally:
-            reader.close()
+        if batch:
+            await write(bytes(batch))
 
     # -- enable / disable / kick -----------------------------------------------------
 
@@ -369,12 +473,31 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._signals: list[int] = []
         for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
-                             (signal.SIGUSR1, self.audit.reopen)):
+                             (signal.SIGUSR1, self.audit.reopen),
+                             (signal.SIGHUP, self.request_reload)):
             try:
                 loop.add_signal_handler(sig, handler)
             except (ValueError, RuntimeError, NotImplementedError):
                 continue  # not the main thread (tests run several daemons)
             self._signals.append(sig)
+
+    def request_reload(self) -> None:
+        """Re-read the configuration soon (SIGHUP, ``systemctl reload``); reloads never overlap."""
+        if self._tasks is not None and self._ready.is_set() and not self._stop.is_set():
+            self._tasks.create_task(self._reload_logged())
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except Exception:  # a reload bug must not take the running consoles down
+            log.exception("reload_crashed")
+
+    async def reload(self, who: str = "SIGHUP") -> bool:
+        """Re-read and apply the configuration file; False (old config kept) if it has errors."""
+        from .reload import reload_daemon
+
+        async with self.changes:
+            return await reload_daemon(self, who)
 
     def _remove_signals(self) -> None:
         loop = asyncio.get_running_loop()

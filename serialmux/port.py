@@ -196,7 +196,9 @@ class VMPort:
             started = loop.time()
             try:
                 protocol = await self._open()
-            except (OSError, serial.SerialException, _NotReady) as exc:
+            except (OSError, termios.error, serial.SerialException, _NotReady) as exc:
+                # termios.error is not an OSError: pyserial's tcsetattr raises it
+                # when the PTY closes while the port is being opened.
                 reason = _describe(exc)
                 if reason != self.last_error:
                     log.info("port_open_failed", vm=self.vm.name, port=self.description,

@@ -57,6 +57,7 @@ SYSRQ_KEYS = frozenset(string.digits + string.ascii_lowercase)
 LIFECYCLE_EVENTS = frozenset({"RESET", "SHUTDOWN", "STOP", "RESUME", "POWERDOWN", "GUEST_PANICKED"})
 
 EventCallback = Callable[[str, dict[str, Any]], None]
+ConnectCallback = Callable[[], None]
 
 log = get_logger(__name__)
 #: qemu.qmp's own records. It reports each expected failure (QEMU off, a refused greeting) at
@@ -104,6 +105,10 @@ class Hypervisor:
     (``RESET``, ``SHUTDOWN``, ``STOP``, ``RESUME``, ``POWERDOWN``, ``GUEST_PANICKED``, ...). It
     must not block; its return value is ignored, and an exception from it is logged and does not
     end the session.
+
+    ``on_connect()`` runs on the event loop each time a session is negotiated (QEMU started or
+    restarted); the daemon uses it to reopen the VM's serial port at once instead of waiting out
+    its backoff. Same rules as ``on_event``.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class Hypervisor:
         address: str,
         *,
         on_event: EventCallback | None = None,
+        on_connect: ConnectCallback | None = None,
         command_timeout: float = 5.0,
         connect_timeout: float = 3.0,
         max_backoff: float = 2.0,
@@ -123,6 +129,7 @@ class Hypervisor:
         except ValueError as err:
             raise HypervisorError(str(err), vm=vm) from err
         self._on_event = on_event
+        self._on_connect = on_connect
         self._command_timeout = command_timeout
         self._connect_timeout = connect_timeout
         self._max_backoff = max_backoff
@@ -186,6 +193,11 @@ class Hypervisor:
         self._session = session
         self._connected.set()
         self._log.info("qmp_connected")
+        if self._on_connect is not None:
+            try:
+                self._on_connect()
+            except Exception:  # a broken callback must not end the session
+                self._log.exception("qmp_connect_callback_failed")
         try:
             while client.runstate == Runstate.RUNNING:
                 await client.runstate_changed()

@@ -23,11 +23,11 @@ import asyncio
 import collections
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from . import actions, commands
+from . import actions, commands, mfa
 from .access import Action, Identity, LoginRequest, allowed, parse_login
 from .console import Attachment, Console, ConsoleBusy
 from .errors import SerialmuxError
@@ -69,6 +69,35 @@ async def handle(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes]) -> N
         process.exit(status)
 
 
+async def _second_factor(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes],
+                         identity: Identity, vm: str, base: dict[str, Any]) -> bool:
+    """Ask for the grant's TOTP code on the client's terminal; audit the outcome."""
+    if process.get_terminal_type() is None or process.subsystem is not None:
+        reason = "a TOTP code is needed: use an interactive session (ssh -t, no subsystem)"
+        daemon.audit.event("mfa", vm=vm, result="refused", reason="no terminal", **base)
+        _error(process, reason)
+        return False
+
+    async def read() -> bytes:
+        while True:
+            try:
+                return await process.stdin.read(256)
+            except (asyncssh.BreakReceived, asyncssh.TerminalSizeChanged,
+                    asyncssh.SignalReceived):
+                continue
+
+    def write(data: bytes) -> None:
+        with contextlib.suppress(OSError, asyncssh.Error):
+            process.stdout.write(data)
+
+    ok, reason = await mfa.prompt(daemon.totp, identity.user, vm, read, write)
+    daemon.audit.event("mfa", vm=vm, method="totp", result="ok" if ok else "refused",
+                       reason=reason, **base)
+    if not ok:
+        _error(process, f"second factor refused: {reason}")
+    return ok
+
+
 def _error(process: asyncssh.SSHServerProcess[bytes], text: str) -> None:
     line = f"serialmux: {text}\r\n" if process.get_terminal_type() else f"serialmux: {text}\n"
     with contextlib.suppress(OSError, asyncssh.Error):
@@ -79,7 +108,8 @@ async def _route(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes], iden
                  request: LoginRequest, writable: asyncio.Event) -> int:
     audit = daemon.audit
     base = {"session": identity.session_id, "user": identity.user, "peer": identity.peer,
-            "fingerprint": identity.fingerprint}
+            "fingerprint": identity.fingerprint, "key_id": identity.key_id,
+            "serial": identity.serial}
     console = daemon.consoles.get(request.vm) if not request.errors else None
     role = daemon.config.role_for(identity.user, request.vm) if console else None
     if request.errors:
@@ -90,6 +120,9 @@ async def _route(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes], iden
         # Same words whether the VM exists or not: no grant reveals nothing.
         audit.event("refused", vm=request.vm, reason="no grant or no such VM", **base)
         _error(process, DENIED)
+        return 1
+    if daemon.config.mfa_for(identity.user, console.name) and not await _second_factor(
+            daemon, process, identity, console.name, base):
         return 1
     if process.command is not None:
         return await commands.run(daemon, process, console, identity, role, process.command)
@@ -132,7 +165,8 @@ class Session:
         self._end_reason = "client closed"
         self._status = 0
         self._told_ro = self._told_down = False
-        self._replay_from: tuple[int, int] | None = None
+        self._replay_from: tuple[int, int, int] | None = None
+        self._tasks: asyncio.TaskGroup | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -151,14 +185,17 @@ class Session:
         started = time.monotonic()
         self.daemon.audit.event(
             "attach", vm=console.name, user=ident.user, session=ident.session_id,
-            peer=ident.peer, fingerprint=ident.fingerprint,
-            mode="write" if self.att.writer else "watch", result="ok")
+            peer=ident.peer, fingerprint=ident.fingerprint, key_id=ident.key_id,
+            serial=ident.serial, mode="write" if self.att.writer else "watch", result="ok")
         try:
             self._banner()
             try:
                 async with asyncio.TaskGroup() as tg:
+                    self._tasks = tg
                     tg.create_task(self._pump_out())
                     tg.create_task(self._pump_in())
+                    if self.att.writer and self.console.vm.idle_timeout:
+                        tg.create_task(self._idle_watch(self.console.vm.idle_timeout))
                     await self._done.wait()
                     raise _Over
             except* _Over:
@@ -172,6 +209,24 @@ class Session:
                 bytes_out=self.att.bytes_out,
                 duration=round(time.monotonic() - started, 3), result="ok")
         return self._status
+
+    async def _idle_watch(self, limit: float) -> None:
+        """Disconnect the writer once they have typed nothing for *limit* seconds."""
+        while True:
+            left = self.att.last_input + limit - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.sleep(left)  # a deadline, re-checked: input moves it
+        if self.att is not self.console.writer:
+            return  # displaced or read-only: nothing to free
+        self.console.mark("ACTION", f"{self.identity.user} idle for {limit:g} s: disconnected",
+                          user=self.identity.user, action="idle_timeout")
+        self.daemon.audit.event(
+            "idle_timeout", vm=self.console.name, user=self.identity.user,
+            session=self.identity.session_id, peer=self.identity.peer,
+            reason=f"typed nothing for {limit:g} s", result="disconnected")
+        self._say(f"idle for {limit:g} s: disconnected (idle_timeout)")
+        self.end("idle timeout", status=1)
 
     def end(self, reason: str, status: int = 0) -> None:
         """End the session (from any callback in the loop thread)."""
@@ -268,7 +323,7 @@ class Session:
             try:
                 data = await stdin.read(CHUNK)
             except asyncssh.BreakReceived:
-                await self._action(Key.BREAK, None)
+                await self._start_action(Key.BREAK, None)
                 continue
             except (asyncssh.TerminalSizeChanged, asyncssh.SignalReceived):
                 continue
@@ -317,7 +372,20 @@ class Session:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.process.stdout.write(b"\r\n" + HELP_TEXT.encode())
         else:
-            await self._action(event.action, event.arg)
+            await self._start_action(event.action, event.arg)
+
+    async def _start_action(self, key: Key, arg: str | None) -> None:
+        """Run an action in order with typing, or beside it when it goes to the hypervisor.
+
+        BREAK (and SysRq over a telnet port) are bytes/line states on the serial
+        line and must keep their place among typed bytes (``^] b`` then ``h`` is
+        a SysRq). NMI, reset and QMP SysRq wait for QEMU's reply, which can take
+        seconds: typing must not wait for it.
+        """
+        if key is Key.BREAK or self._tasks is None:
+            await self._action(key, arg)
+        else:
+            self._tasks.create_task(self._action(key, arg))
 
     async def _action(self, key: Key, arg: str | None) -> None:
         try:

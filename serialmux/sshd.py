@@ -6,7 +6,10 @@ certificates from configured CAs), no password, keyboard-interactive,
 host-based or GSS; no agent or X11 forwarding, no TCP/UNIX forwarding, no
 SCP or SFTP; raw bytes (``encoding=None``, ``line_editor=False``); modern
 algorithm lists pinned. Failed keys are counted per connection (OpenSSH
-``MaxAuthTries``) because asyncssh does not.
+``MaxAuthTries``) because asyncssh does not; new connections pass
+:class:`serialmux.auth.Gate` (MaxStartups, per-source caps and penalties)
+before the handshake, and certificates are checked by
+:func:`serialmux.auth.check_certificate` (principal = serialmux user).
 
 Identity comes from the key that authenticated, never from the login name:
 :meth:`GatewayServer.validate_public_key` binds the key to a configured
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from .access import Identity
+from .auth import CertRefused, check_certificate, is_certificate
 from .errors import ConfigError
 from .log import get_logger
 
@@ -33,8 +37,8 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+# No NIST-curve ECDH: ssh-audit fails it (curve provenance); every OpenSSH since 6.5 has curve25519.
 KEX_ALGS = ["mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org",
-            "ecdh-sha2-nistp256", "ecdh-sha2-nistp384", "ecdh-sha2-nistp521",
             "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512"]
 ENCRYPTION_ALGS = ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com",
                    "aes128-gcm@openssh.com", "aes256-ctr", "aes128-ctr"]
@@ -76,6 +80,8 @@ class GatewayServer(asyncssh.SSHServer):
         self.failures = 0
         self.writable = asyncio.Event()
         self.writable.set()
+        self.admitted = False  # counted by daemon.gate until authenticated or closed
+        self.authenticated = False
 
     # -- connection ------------------------------------------------------------
 
@@ -90,11 +96,30 @@ class GatewayServer(asyncssh.SSHServer):
         # grow without bound. Hook the callbacks so session pumps can wait.
         conn.pause_writing = self.writable.clear  # type: ignore[method-assign]
         conn.resume_writing = self.writable.set  # type: ignore[method-assign]
+        # MaxStartups / PerSourceMaxStartups / PerSourcePenalties, before the handshake.
+        gate = self._daemon.gate
+        gate.settings = self._daemon.config.ssh  # follow a reload
+        drop = gate.admit(host)
+        if drop is not None:
+            self._daemon.audit.event("connection_refused", session=self.session_id,
+                                     peer=self.peer, reason=drop, result="dropped")
+            asyncio.get_running_loop().call_soon(conn.abort)
+            return
+        self.admitted = True
+        # asyncssh checks a certificate's principals against the login name,
+        # which here is the VM, so certificates are validated by serialmux.auth
+        # instead: replace this connection's certificate check (the one hook
+        # that sees the raw blob, before asyncssh verifies the signature).
+        conn._validate_client_certificate = self._validate_certificate  # type: ignore[method-assign]
         self._daemon.audit.event("connect", session=self.session_id, peer=self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection closed (cleanly or not)."""
         self.writable.set()
+        if not self.admitted:
+            return
+        self._daemon.gate.closed(self.peer_host, was_authenticated=self.authenticated,
+                                 failed=self.failures > 0)
         self._daemon.audit.event(
             "disconnect", session=self.session_id, peer=self.peer,
             user=self.identity.user if self.identity else None,
@@ -127,6 +152,10 @@ class GatewayServer(asyncssh.SSHServer):
         config = self._daemon.config
         fingerprint = key.get_fingerprint("sha256")
         user = config.user_for_key(key.public_data)
+        revoked = self._daemon.revoked.check_key(key.public_data)
+        if revoked:
+            self._auth_failed(username, fingerprint, revoked)
+            return False
         if user is not None:
             entry = next(k for k in user.keys if k.public_data == key.public_data)
             if entry.allows_from(self.peer_host):
@@ -144,11 +173,13 @@ class GatewayServer(asyncssh.SSHServer):
         """The peer's address without the port."""
         return self.peer.rsplit(":", 1)[0].strip("[]")
 
-    def _auth_failed(self, username: str, fingerprint: str, reason: str) -> None:
+    def _auth_failed(self, username: str, fingerprint: str | None, reason: str, *,
+                     key_id: str | None = None, serial: int | None = None) -> None:
         self.failures += 1
         self._daemon.audit.event("auth_failure", session=self.session_id, peer=self.peer,
-                                 login=username, fingerprint=fingerprint, reason=reason,
-                                 result="refused", attempt=self.failures)
+                                 login=username, fingerprint=fingerprint, key_id=key_id,
+                                 serial=serial, reason=reason, result="refused",
+                                 attempt=self.failures)
         limit = self._daemon.config.ssh.max_auth_tries
         if self.failures >= limit and self._conn is not None:
             conn = self._conn
@@ -158,13 +189,39 @@ class GatewayServer(asyncssh.SSHServer):
                 conn.disconnect, asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
                 "Too many authentication failures")
 
+    async def _validate_certificate(self, username: str,
+                                    key_data: bytes) -> asyncssh.SSHKey | None:
+        """Replace asyncssh's certificate check: return the certified key, or None.
+
+        Runs for every public-key request; a plain key is left to
+        :meth:`validate_public_key` (None here, asyncssh then tries it as a key).
+        """
+        if not is_certificate(key_data):
+            return None
+        daemon = self._daemon
+        try:
+            cert = check_certificate(key_data, cas=daemon.user_cas, revoked=daemon.revoked,
+                                     users=daemon.config.users, peer_host=self.peer_host)
+        except CertRefused as exc:
+            self._auth_failed(username, None, exc.reason, key_id=exc.key_id, serial=exc.serial)
+            return None
+        self.identity = Identity(user=cert.user, fingerprint=cert.fingerprint, peer=self.peer,
+                                 session_id=self.session_id, key_id=cert.key_id,
+                                 serial=cert.serial)
+        return cert.key
+
     def auth_completed(self) -> None:
         """Authentication succeeded: audit who it was."""
         ident = self.identity
+        self.authenticated = True
+        if self.admitted:
+            self._daemon.gate.authenticated(self.peer_host)
         self._daemon.audit.event(
             "auth_success", session=self.session_id, peer=self.peer,
             user=ident.user if ident else None,
-            fingerprint=ident.fingerprint if ident else None, result="ok")
+            fingerprint=ident.fingerprint if ident else None,
+            key_id=ident.key_id if ident else None, serial=ident.serial if ident else None,
+            result="ok")
 
     # Forwarding of every kind stays refused: the SSHServer defaults return
     # False for connection_requested, server_requested and the UNIX variants.

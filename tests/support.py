@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import shutil
+import sys
 import tty
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -86,6 +87,24 @@ class PtyVM:
                 continue
             view = view[n:]
 
+    async def send(self, data: bytes, timeout: float = WAIT * 3) -> None:
+        """The guest prints a lot: write without blocking the loop the daemon runs on."""
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        async with asyncio.timeout(timeout):
+            while view:
+                try:
+                    view = view[os.write(self.master, view):]
+                    continue
+                except BlockingIOError:
+                    pass
+                writable = loop.create_future()
+                loop.add_writer(self.master, writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(self.master)
+
     def close(self) -> None:
         """The VM goes away: EOF/EIO on the daemon's side."""
         if self._loop is not None:
@@ -124,6 +143,31 @@ def make_user(name: str, directory: Path) -> User:
     return User(name, key, path)
 
 
+def gateway_toml(tmp: Path, vms: dict[str, str], users: list[User],
+                 grants: list[tuple[list[str], list[str], str]] | None = None, *,
+                 extra: str = "", vm_extra: dict[str, str] | None = None) -> str:
+    """A config for the daemon on 127.0.0.1 port 0 with state under *tmp*."""
+    if grants is None:
+        grants = [([u.name for u in users], ["*"], "owner")]
+    lines = [
+        "[server]",
+        'listen = ["127.0.0.1:0"]',
+        f'host_keys = ["{tmp}/host_key"]',
+        f'state_dir = "{tmp}/state"',
+        f'runtime_dir = "{tmp}/run"',
+        "stall_timeout = 5",
+        extra,
+    ]
+    for name, port in vms.items():
+        lines += [f'[vms."{name}"]', f'port = "{port}"', (vm_extra or {}).get(name, "")]
+    for user in users:
+        lines += [f"[users.{user.name}]", f'keys = ["{user.public}"]']
+    for names, globs, role in grants:
+        lines += ["[[grants]]", f"users = {names!r}".replace("'", '"'),
+                  f"vms = {globs!r}".replace("'", '"'), f'role = "{role}"']
+    return "\n".join(lines) + "\n"
+
+
 @dataclass
 class Gateway:
     """The real daemon, configured by a TOML file written for the test, on port 0."""
@@ -140,23 +184,8 @@ class Gateway:
     conns: list[asyncssh.SSHClientConnection] = field(default_factory=list)
 
     def toml(self) -> str:
-        lines = [
-            "[server]",
-            'listen = ["127.0.0.1:0"]',
-            f'host_keys = ["{self.tmp}/host_key"]',
-            f'state_dir = "{self.tmp}/state"',
-            f'runtime_dir = "{self.tmp}/run"',
-            "stall_timeout = 5",
-            self.extra,
-        ]
-        for name, port in self.vms.items():
-            lines += [f'[vms."{name}"]', f'port = "{port}"', self.vm_extra.get(name, "")]
-        for user in self.users.values():
-            lines += [f"[users.{user.name}]", f'keys = ["{user.public}"]']
-        for names, vms, role in self.grants:
-            lines += ["[[grants]]", f"users = {names!r}".replace("'", '"'),
-                      f"vms = {vms!r}".replace("'", '"'), f'role = "{role}"']
-        return "\n".join(lines) + "\n"
+        return gateway_toml(self.tmp, self.vms, list(self.users.values()), self.grants,
+                            extra=self.extra, vm_extra=self.vm_extra)
 
     @property
     def config_path(self) -> Path:
@@ -368,3 +397,59 @@ class SocketVM:
             self._writer = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def close_child(child: Any) -> None:
+    """Close a pexpect child, including the pipe transport its async expect opened."""
+    pair = getattr(child, "async_pw_transport", None)
+    if pair:
+        pair[1].close()
+    child.close(force=True)
+
+
+async def wait_out_after(client: Client, offset: int, pattern: bytes | re.Pattern[bytes],
+                         timeout: float = WAIT) -> int:
+    """Wait until *client*'s stdout holds *pattern* at or after *offset*; return the match end.
+
+    For text a session sees more than once (a guest's boot line after a reset), where
+    :meth:`Client.wait_out` would find the first one.
+    """
+    regex = re.compile(re.escape(pattern)) if isinstance(pattern, bytes) else pattern
+    async with asyncio.timeout(timeout):
+        while (match := regex.search(client.out, offset)) is None:
+            if client.closed:
+                raise AssertionError(f"session closed without {regex.pattern!r} after {offset}; "
+                                     f"got {bytes(client.out[offset:])[-400:]!r}")
+            client._changed.clear()
+            await client._changed.wait()
+    return match.end()
+
+
+SERIALMUX_BIN = str(Path(sys.executable).with_name("serialmux"))
+
+
+@dataclass
+class CliResult:
+    """What one run of the real ``serialmux`` command printed and returned."""
+
+    status: int
+    out: str
+    err: str
+
+
+async def run_cli(*args: str, prefix: tuple[str, ...] = (), timeout: float = WAIT * 3
+                  ) -> CliResult:
+    """Run ``serialmux ARGS`` as a subprocess (the loop keeps serving the daemon meanwhile)."""
+    proc = await asyncio.create_subprocess_exec(
+        *prefix, SERIALMUX_BIN, *args, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return CliResult(proc.returncode, out.decode(), err.decode())

@@ -309,3 +309,37 @@ async def test_many_watchers_all_see_output(gw: Gateway, users: dict[str, User],
     for w in watchers:
         await w.wait_out(b"broadcast")
     await asyncio.gather(*(w.close() for w in watchers))
+
+
+async def test_tcp_port_carries_bytes_both_ways(tmp_path: Path, users: dict[str, User]) -> None:
+    """A tcp:HOST:PORT console (ser2net-style or QEMU tcp chardev) works both ways."""
+    got = bytearray()
+    arrived = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        writer.write(b"tcp guest says hi\r\n")
+        while data := await reader.read(1024):
+            got.extend(data)
+            arrived.set()
+
+    server = await asyncio.start_server(guest, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with gateway(tmp_path, vms={"web-01": f"tcp:127.0.0.1:{port}"},
+                           users={"alice": users["alice"]},
+                           grants=[(["alice"], ["*"], "owner")]) as g:
+            c = await g.attach(users["alice"], "web-01", subsystem="console")
+            await c.wait_out(b"tcp guest says hi")
+            c.send(b"typed over tcp")
+            async with asyncio.timeout(10):
+                while b"typed over tcp" not in got:
+                    arrived.clear()
+                    await arrived.wait()
+            await c.close()
+    finally:
+        for w in writers:
+            w.close()
+        server.close()
+        await server.wait_closed()

@@ -1,0 +1,347 @@
+"""Authentication policy asyncssh does not have: certificates, revocation, MaxStartups, penalties.
+
+Everything here is plain synchronous code (no asyncio, no sockets), so it is
+tested without a loop; :mod:`serialmux.sshd` calls it from asyncssh's
+callbacks.
+
+* :func:`check_certificate` decides whether an OpenSSH user certificate may
+  log in and *as whom*: the certificate's principal names the serialmux user
+  (the login name is the VM, so asyncssh's own principal-vs-login-name check
+  cannot be used). Refused: no principals (CVE-2024-7594), expired or not yet
+  valid, a CA not in ``[ssh] user_ca_keys``, unknown critical options
+  (asyncssh's decoder already refuses them), ``force-command`` (serialmux
+  chooses commands from the exec request; a forced command would silently
+  change what a session does), principals naming no configured user or more
+  than one, and anything listed in the revocation file. ``source-address`` is
+  implemented.
+* :class:`Revocations` reads ``[ssh] revoked_keys``: a text file of public
+  keys and ``serial:N`` / ``id:KEYID`` lines (see docs/security.md), re-read
+  when it changes.
+* :class:`Gate` admits or drops a new TCP connection before the SSH handshake:
+  sshd's ``MaxStartups start:rate:full`` (random early drop of unauthenticated
+  connections), an optional per-source cap (``PerSourceMaxStartups``) and
+  ``PerSourcePenalties`` (a source whose connections fail authentication is
+  refused for a while).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import asyncssh
+from asyncssh.public_key import CERT_TYPE_USER, SSHOpenSSHCertificate, decode_ssh_certificate
+
+from .config import SSHSettings, UserConfig
+from .errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+CERT_SUFFIX = b"-cert-v01@openssh.com"
+
+# OpenSSH PerSourcePenalties defaults not exposed in [ssh]: a penalty is
+# enforced only once it reaches PENALTY_MIN seconds, and at most
+# PENALTY_MAX_SOURCES addresses are tracked (then new ones are not penalised:
+# "overflow:permissive").
+PENALTY_MIN = 15.0
+PENALTY_MAX_SOURCES = 65536
+
+
+class CertRefused(Exception):
+    """A certificate may not log in; ``reason`` says why (audited, never shown to the client)."""
+
+    def __init__(self, reason: str, *, key_id: str | None = None,
+                 serial: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.key_id = key_id
+        self.serial = serial
+
+
+@dataclass(frozen=True, slots=True)
+class CertIdentity:
+    """Who a valid certificate names."""
+
+    user: str
+    key: asyncssh.SSHKey  # the certified key: asyncssh checks the signature with it
+    key_id: str
+    serial: int
+    fingerprint: str  # of the certified key
+    ca_fingerprint: str
+
+
+def is_certificate(key_data: bytes) -> bool:
+    """Return whether an SSH public-key blob is an OpenSSH certificate (by its algorithm)."""
+    if len(key_data) < 4:
+        return False
+    n = int.from_bytes(key_data[:4], "big")
+    return key_data[4:4 + n].endswith(CERT_SUFFIX)
+
+
+# ----------------------------------------------------------------------------
+# Revocation
+
+
+class Revocations:
+    """The ``revoked_keys`` file: keys, ``serial:N`` and ``id:KEYID`` lines.
+
+    A listed key is refused wherever it appears: as a user's plain key, as the
+    key inside a certificate, or as the CA that signed one. The file is
+    re-read whenever its modification time or size changes; a file that
+    cannot be read refuses every certificate and key (fail closed), like
+    sshd's ``RevokedKeys``.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self._stamp: tuple[int, int] | None = None
+        self.keys: frozenset[bytes] = frozenset()
+        self.serials: frozenset[int] = frozenset()
+        self.key_ids: frozenset[str] = frozenset()
+        self.error: str | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the file if it changed since the last read."""
+        if self.path is None:
+            return
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            self.error = f"cannot read {self.path}: {exc.strerror}"
+            self._stamp = None
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp and self.error is None:
+            return
+        try:
+            text = self.path.read_text(encoding="utf-8")
+            self.keys, self.serials, self.key_ids = parse_revocations(text, str(self.path))
+        except (OSError, UnicodeDecodeError, ConfigError) as exc:
+            self.error = str(exc)
+            return
+        self.error = None
+        self._stamp = stamp
+
+    def check_key(self, public_data: bytes) -> str | None:
+        """Why *public_data* is refused, or None."""
+        self.refresh()
+        if self.error:
+            return f"revocation list unusable ({self.error})"
+        if public_data in self.keys:
+            return "key is revoked"
+        return None
+
+
+def parse_revocations(text: str, source: str
+                      ) -> tuple[frozenset[bytes], frozenset[int], frozenset[str]]:
+    """Parse a revocation file; raises :class:`ConfigError` naming the line."""
+    keys: set[bytes] = set()
+    serials: set[int] = set()
+    ids: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("serial:"):
+            value = line[7:].strip()
+            if not value.isdigit() or int(value) >= 1 << 64:
+                raise ConfigError("serial: needs a decimal 64-bit number", path=source,
+                                  line=number)
+            serials.add(int(value))
+        elif line.startswith("id:"):
+            value = line[3:].strip()
+            if not value:
+                raise ConfigError("id: needs a certificate key id", path=source, line=number)
+            ids.add(value)
+        else:
+            try:
+                key = asyncssh.import_public_key(" ".join(line.split()[:2]))
+            except (asyncssh.KeyImportError, ValueError) as exc:
+                raise ConfigError(f"not a public key, serial:N or id:KEYID line ({exc})",
+                                  path=source, line=number) from None
+            keys.add(key.public_data)
+    return frozenset(keys), frozenset(serials), frozenset(ids)
+
+
+# ----------------------------------------------------------------------------
+# Certificates
+
+
+def load_cas(paths: Iterable[str]) -> dict[bytes, str]:
+    """Read the trusted user CA public keys: ``{public_data: fingerprint}``."""
+    cas: dict[bytes, str] = {}
+    for path in paths:
+        try:
+            for key in asyncssh.read_public_key_list(path):
+                cas[key.public_data] = key.get_fingerprint("sha256")
+        except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+            raise ConfigError(f"cannot load user CA keys: {exc}", path=path,
+                              key="ssh.user_ca_keys") from exc
+    return cas
+
+
+def check_certificate(key_data: bytes, *, cas: Mapping[bytes, str], revoked: Revocations,
+                      users: Mapping[str, UserConfig], peer_host: str,
+                      now: float | None = None) -> CertIdentity:
+    """Validate an OpenSSH user certificate blob and return who it names.
+
+    Raises :class:`CertRefused` with the reason (for the audit) otherwise.
+    """
+    try:
+        cert = decode_ssh_certificate(key_data)
+    except asyncssh.KeyImportError as exc:
+        raise CertRefused(f"certificate refused: {exc}") from None
+    if not isinstance(cert, SSHOpenSSHCertificate):
+        raise CertRefused("X.509 certificates are not accepted")
+    key_id = str(getattr(cert, "_key_id", ""))
+    serial = int(getattr(cert, "_serial", 0))
+
+    def refuse(reason: str) -> CertRefused:
+        return CertRefused(reason, key_id=key_id, serial=serial)
+
+    if getattr(cert, "_cert_type", None) != CERT_TYPE_USER:
+        raise refuse("not a user certificate")
+    ca_fp = cas.get(cert.signing_key.public_data)
+    if ca_fp is None:
+        raise refuse("certificate signed by an untrusted CA")
+    now = time.time() if now is None else now
+    if now < getattr(cert, "_valid_after", 0):
+        raise refuse("certificate not yet valid")
+    if now >= getattr(cert, "_valid_before", 0):
+        raise refuse("certificate expired")
+    if not cert.principals:
+        raise refuse("certificate has no principals (CVE-2024-7594)")
+    if "force-command" in cert.options:
+        raise refuse("certificate has force-command, which serialmux does not honour")
+    sources = cert.options.get("source-address")
+    if sources:
+        try:
+            ip = ipaddress.ip_address(peer_host)
+        except ValueError:
+            raise refuse("source-address: peer address unknown") from None
+        if not any(ip in net for net in cast(Iterable[IPNetwork], sources)):
+            raise refuse("source-address does not allow this address")
+    for why, data in (("certified key", cert.key.public_data),
+                      ("signing CA", cert.signing_key.public_data)):
+        problem = revoked.check_key(data)
+        if problem:
+            raise refuse(f"{why}: {problem}")
+    if serial in revoked.serials:
+        raise refuse(f"certificate serial {serial} is revoked")
+    if key_id in revoked.key_ids:
+        raise refuse("certificate key id is revoked")
+    named = sorted({p for p in cert.principals if p in users})
+    if not named:
+        raise refuse("no principal is a configured user")
+    if len(named) > 1:
+        raise refuse(f"principals name {len(named)} users; a certificate must name one")
+    return CertIdentity(user=named[0], key=cert.key, key_id=key_id, serial=serial,
+                        fingerprint=cert.key.get_fingerprint("sha256"), ca_fingerprint=ca_fp)
+
+
+# ----------------------------------------------------------------------------
+# Admission: MaxStartups, per-source caps and penalties
+
+
+@dataclass(slots=True)
+class _Penalty:
+    expiry: float
+    active: bool = False
+
+
+class Gate:
+    """Admit or drop connections before the handshake; count unauthenticated ones.
+
+    Each admitted connection must later call :meth:`authenticated` or
+    :meth:`closed` (both is fine): the counts return to zero when every
+    connection has gone, whatever happened.
+    """
+
+    def __init__(self, settings: SSHSettings, *, rng: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._rng = rng
+        self._clock = clock
+        self.unauthenticated = 0
+        self.per_source: dict[str, int] = {}
+        self.penalties: dict[str, _Penalty] = {}
+
+    def admit(self, host: str) -> str | None:
+        """Return why a new connection from *host* is dropped, or None (and count it)."""
+        now = self._clock()
+        penalty = self.penalties.get(host)
+        if penalty is not None:
+            if penalty.expiry <= now:
+                del self.penalties[host]
+            elif penalty.active:
+                return f"penalised for {penalty.expiry - now:.0f} s after failed logins"
+        start, rate, full = self.settings.max_startups
+        n = self.unauthenticated
+        if n >= full:
+            return f"MaxStartups: {n} unauthenticated connections"
+        if n >= start:
+            # sshd: drop with probability rate% at start, rising linearly to 100% at full.
+            p = rate + (100 - rate) * (n - start) / max(1, full - start)
+            if self._rng() * 100 < p:
+                return f"MaxStartups: random early drop at {n} unauthenticated connections"
+        cap = self.settings.per_source_max_startups
+        if cap is not None and self.per_source.get(host, 0) >= cap:
+            return f"PerSourceMaxStartups: {cap} unauthenticated connections from this source"
+        self.unauthenticated += 1
+        self.per_source[host] = self.per_source.get(host, 0) + 1
+        return None
+
+    def _release(self, host: str) -> None:
+        self.unauthenticated -= 1
+        left = self.per_source.get(host, 1) - 1
+        if left > 0:
+            self.per_source[host] = left
+        else:
+            self.per_source.pop(host, None)
+
+    def authenticated(self, host: str) -> None:
+        """An admitted connection authenticated: it no longer counts."""
+        self._release(host)
+
+    def closed(self, host: str, *, was_authenticated: bool, failed: bool) -> None:
+        """An admitted connection closed; a failed login earns its source a penalty."""
+        if not was_authenticated:
+            self._release(host)
+            if failed:
+                self.penalise(host, self.settings.penalty_authfail)
+
+    def penalise(self, host: str, seconds: float) -> None:
+        """Add *seconds* to *host*'s penalty (capped at penalty_max); enforce past the minimum."""
+        if seconds <= 0:
+            return
+        now = self._clock()
+        penalty = self.penalties.get(host)
+        if penalty is None or penalty.expiry <= now:
+            if penalty is None and len(self.penalties) >= PENALTY_MAX_SOURCES:
+                self._prune(now)
+                if len(self.penalties) >= PENALTY_MAX_SOURCES:
+                    return
+            penalty = self.penalties[host] = _Penalty(expiry=now)
+        penalty.expiry = min(penalty.expiry + seconds, now + self.settings.penalty_max)
+        if penalty.expiry - now >= min(PENALTY_MIN, self.settings.penalty_max):
+            penalty.active = True
+
+    def _prune(self, now: float) -> None:
+        for host in [h for h, p in self.penalties.items() if p.expiry <= now]:
+            del self.penalties[host]
+
+
+def check_private_file(path: Path) -> str | None:
+    """Why a secret file is unsafe to use (group/other access, not ours), or None."""
+    st = path.stat()
+    if st.st_mode & 0o077:
+        return f"{path} is accessible by group or others (mode {st.st_mode & 0o777:o}); chmod 600"
+    if st.st_uid != os.geteuid():
+        return f"{path} is not owned by the serialmux user"
+    return None

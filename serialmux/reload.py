@@ -1,0 +1,151 @@
+"""Reload: re-read the config file, diff it against the running one, apply it in place.
+
+:func:`plan_reload` is pure: it compares two :class:`~serialmux.config.Config`
+values and says which consoles to add, remove, reopen or update, and which
+settings only a restart can change. :func:`reload_daemon` runs on SIGHUP
+(``systemctl reload``) and on ``serialmux reload``: a config with errors is
+rejected with every error logged and the running one stays; otherwise the plan
+is applied and every remaining session's identity is checked against the new
+users, keys and grants.
+
+What reload leaves alone: a console whose ``[vms.NAME]`` did not change keeps
+its port, ring and sessions untouched (not a byte is lost or repeated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .access import Identity
+from .config import Config, ConfigErrors, Role, VMConfig, load_config
+from .errors import ConfigError
+from .log import get_logger
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = get_logger(__name__)
+
+# VMConfig fields that need the port (or QMP connection, or ring) opened again.
+_REOPEN_FIELDS = ("port", "baud", "qmp", "ring_size")
+
+
+@dataclass
+class Plan:
+    """What a reload changes."""
+
+    added: list[VMConfig] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    reopened: list[VMConfig] = field(default_factory=list)
+    updated: list[VMConfig] = field(default_factory=list)  # same port: swapped in place
+    restart_needed: list[str] = field(default_factory=list)  # setting names
+
+    def describe(self) -> str:
+        """A one-line summary for logs and the audit trail."""
+        parts = [f"{len(self.added)} added", f"{len(self.removed)} removed",
+                 f"{len(self.reopened)} reopened", f"{len(self.updated)} updated"]
+        return ", ".join(parts)
+
+
+def plan_reload(old: Config, new: Config) -> Plan:
+    """Compare the static VMs and server settings of *old* and *new*."""
+    plan = Plan()
+    for name, vm in new.vms.items():
+        before = old.vms.get(name)
+        if before is None:
+            plan.added.append(vm)
+        elif any(getattr(before, f) != getattr(vm, f) for f in _REOPEN_FIELDS):
+            plan.reopened.append(vm)
+        elif before != vm:
+            plan.updated.append(vm)
+    plan.removed = [name for name in old.vms if name not in new.vms]
+    for name in ("listen", "host_keys", "state_dir", "runtime_dir", "audit_file", "enabled"):
+        if getattr(old.server, name) != getattr(new.server, name):
+            plan.restart_needed.append(f"server.{name}")
+    for name in ("login_timeout", "keepalive_interval", "keepalive_count_max"):
+        if getattr(old.ssh, name) != getattr(new.ssh, name):
+            plan.restart_needed.append(f"ssh.{name}")
+    if old.discovery != new.discovery:
+        plan.restart_needed.append("discovery")
+    return plan
+
+
+def access_lost(config: Config, identity: Identity, vm: str, writer: bool) -> str | None:
+    """Why *identity* may no longer hold its session on *vm* under *config*, or None."""
+    if identity.local:
+        return None  # local root/admins are not configured users
+    user = config.users.get(identity.user)
+    if user is None:
+        return f"user {identity.user} was removed from the configuration"
+    if identity.key_id is None and identity.fingerprint not in {k.fingerprint for k in user.keys}:
+        return "the key you logged in with was removed from the configuration"
+    role = config.role_for(identity.user, vm)
+    if role is None:
+        return f"your grant on {vm} was removed"
+    if writer and role < Role.CONTRIBUTOR:
+        return f"your grant on {vm} no longer allows typing"
+    return None
+
+
+async def reload_daemon(daemon: Daemon, who: str) -> bool:
+    """Re-read ``daemon.config.path`` and apply it; False if it was rejected.
+
+    Runs under ``daemon.changes`` (the caller holds it), so reloads and
+    discovery never interleave.
+    """
+    notifier = daemon.notifier
+    notifier.reloading()
+    path = daemon.config.path
+    if path is None:
+        log.error("reload_impossible", reason="the configuration was not read from a file")
+        notifier.ready(daemon.summary())
+        return False
+    log.info("reloading", path=str(path), by=who)
+    try:
+        new = await asyncio.to_thread(load_config, path)
+    except ConfigError as exc:
+        errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
+        for error in errors:
+            log.error("reload_config_error", path=str(path), error=str(error))
+        daemon.audit.event("reload", user=who, path=str(path), result="failed",
+                           reason=f"{len(errors)} configuration error(s); old config kept")
+        notifier.ready(f"{daemon.summary()}; reload rejected ({len(errors)} errors), "
+                       "running the previous config")
+        return False
+    plan = plan_reload(daemon.config, new)
+    daemon.config = new
+    for name in plan.removed:
+        if name in daemon.consoles:
+            await daemon.remove_console(name, f"VM {name} was removed from the configuration")
+    for vm in plan.reopened:
+        await daemon.reopen_console(vm)
+    for vm in plan.added:
+        if vm.name in daemon.consoles:  # was discovered; the static entry wins
+            await daemon.reopen_console(vm)
+        else:
+            daemon.add_console(vm)
+    for vm in plan.updated:
+        console = daemon.consoles[vm.name]
+        console.vm = vm
+        console.port.vm = vm
+    kicked = 0
+    for session in list(daemon.sessions):
+        reason = access_lost(new, session.identity, session.console.name, session.att.writer)
+        if reason is not None:
+            kicked += 1
+            daemon.audit.event("reload_disconnect", vm=session.console.name,
+                               user=session.identity.user, session=session.identity.session_id,
+                               peer=session.identity.peer, reason=reason, result="ok")
+            session.att.on_closed(f"disconnected: {reason} (configuration reloaded)")
+    for setting in plan.restart_needed:
+        log.warning("reload_needs_restart", setting=setting,
+                    hint="this setting takes effect when serialmux restarts")
+    daemon.audit.event("reload", user=who, path=str(path), result="ok",
+                       changes=plan.describe(), disconnected=kicked,
+                       restart_needed=",".join(plan.restart_needed) or None)
+    log.info("reloaded", changes=plan.describe(), disconnected=kicked)
+    notifier.ready(daemon.summary())
+    daemon.status_changed()
+    return True

@@ -1,0 +1,199 @@
+"""Hypervisor actions through the real daemon and real SSH, against a fake QMP server (no QEMU).
+
+The fake QMP server is the one of tests/unit/test_qmp_misbehaving.py (a real UNIX socket that
+misbehaves on cue); the VM's serial port is a real PTY. What is pinned here: an action on a
+misbehaving hypervisor fails with a clear message within a few seconds while the console keeps
+flowing, readers are refused and audited, and a VM without ``qmp`` says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from serialmux.ring import Record, RecordKind, RingReader
+from tests.integration.conftest import GRANTS
+from tests.support import Gateway, PtyVM, User, gateway
+from tests.unit.test_qmp_misbehaving import FakeQMP, serving
+
+pytestmark = pytest.mark.timeout(60)
+
+#: The daemon's QMP command timeout is 5 s; the user must hear back within this.
+PROMPTLY = 8.0
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[FakeQMP]:
+    """A fake QMP server that accepts the greeting and never replies to a command."""
+    async with serving(FakeQMP(tmp_path / "qmp.sock", "hang")) as server:
+        yield server
+
+
+@pytest.fixture
+async def hv_gw(
+    tmp_path: Path, users: dict[str, User], vm: PtyVM, fake: FakeQMP
+) -> AsyncIterator[Gateway]:
+    """web-01 on a PTY with qmp pointing at the hanging fake; web-02 (a PTY too) has no qmp."""
+    vm.start()
+    plain = PtyVM()
+    configured = {k: v for k, v in users.items() if k != "mallory"}
+    try:
+        async with gateway(
+            tmp_path,
+            vms={"web-01": vm.port, "web-02": plain.port},
+            users=configured,
+            grants=GRANTS,
+            vm_extra={"web-01": f'qmp = "unix:{fake.path}"'},
+        ) as g:
+            hv = g.console("web-01").hypervisor
+            assert hv is not None
+            assert await hv.wait_connected(10)
+            yield g
+    finally:
+        plain.close()
+
+
+async def test_hanging_qmp_fails_nmi_promptly_while_console_flows(
+    hv_gw: Gateway, users: dict[str, User], vm: PtyVM, fake: FakeQMP
+) -> None:
+    """`nmi` on a QMP server that never replies exits 1 with a clear error; bytes keep flowing."""
+    watcher = await hv_gw.attach(users["carol"], "web-01+replay=0")
+    await watcher.wait_out(b"(read-only)")
+    conn = await hv_gw.connect(users["bob"], "web-01")
+    started = time.monotonic()
+    nmi = asyncio.create_task(conn.run("nmi", encoding=None))
+    await fake.wait_for("commands", 1)
+    assert fake.commands[-1][0] == "inject-nmi"
+    vm.write(b"guest still talking\r\n")  # the console must not wait for QMP
+    await watcher.wait_out(b"guest still talking")
+    assert not nmi.done()
+    result = await asyncio.wait_for(nmi, PROMPTLY)
+    assert time.monotonic() - started < PROMPTLY
+    assert result.exit_status == 1
+    assert b"no reply within" in result.stderr
+    assert b"QEMU may be hung" in result.stderr
+    rec = await hv_gw.wait_audit("command", action="nmi", result="failed", user="bob")
+    assert "no reply" in rec["reason"]
+    vm.write(b"and after\r\n")
+    await watcher.wait_out(b"and after")
+    conn.close()
+    await watcher.close()
+
+
+async def test_failed_action_leaves_no_sent_marker(
+    hv_gw: Gateway, users: dict[str, User], fake: FakeQMP
+) -> None:
+    """A reset that QMP never answers is not marked as sent in the ring."""
+    conn = await hv_gw.connect(users["alice"], "web-01")
+    result = await asyncio.wait_for(conn.run("reset", encoding=None), PROMPTLY)
+    assert result.exit_status == 1
+    conn.close()
+    assert hv_gw.daemon is not None
+    reader = RingReader(hv_gw.daemon.ring_path("web-01"))
+    try:
+        texts = [
+            r.text()
+            for r in reader.records()
+            if isinstance(r, Record) and r.kind is RecordKind.ACTION
+        ]
+    finally:
+        reader.close()
+    assert not any("RESET sent" in t for t in texts)
+
+
+@pytest.mark.parametrize("command", ["nmi", "reset", "sysrq h", "break"])
+async def test_reader_may_not_act(
+    hv_gw: Gateway, users: dict[str, User], fake: FakeQMP, command: str
+) -> None:
+    """A reader's nmi/reset/sysrq/break exits non-zero, is audited as refused, never reaches QMP."""
+    conn = await hv_gw.connect(users["carol"], "web-01")
+    result = await conn.run(command, encoding=None)
+    conn.close()
+    assert result.exit_status == 1
+    assert b"needs the contributor or owner role" in result.stderr
+    action = command.split()[0]
+    await hv_gw.wait_audit("command", action=action, result="refused", user="carol")
+    assert fake.commands == []
+
+
+@pytest.mark.parametrize("command", ["nmi", "reset"])
+async def test_vm_without_qmp_says_nmi_and_reset_are_unavailable(
+    hv_gw: Gateway, users: dict[str, User], command: str
+) -> None:
+    """On a VM without `qmp`, nmi and reset exit 1 saying no qmp is configured for it."""
+    conn = await hv_gw.connect(users["alice"], "web-02")
+    result = await conn.run(command, encoding=None)
+    conn.close()
+    assert result.exit_status == 1
+    assert b"is not available: no qmp" in result.stderr
+    await hv_gw.wait_audit("command", action=command, result="failed", vm="web-02")
+
+
+async def test_status_without_qmp_says_so(hv_gw: Gateway, users: dict[str, User]) -> None:
+    """`status` on a VM without qmp reports the console and that NMI/reset are not available."""
+    conn = await hv_gw.connect(users["bob"], "web-02")
+    result = await conn.run("status", encoding=None)
+    conn.close()
+    assert result.exit_status == 0
+    assert b"console: up" in result.stdout
+    assert b"no qmp configured: NMI and reset are not available" in result.stdout
+
+
+async def test_escape_nmi_on_hanging_qmp_reports_failure_in_session(
+    hv_gw: Gateway, users: dict[str, User], vm: PtyVM, fake: FakeQMP
+) -> None:
+    """^] n, y on a hung QMP: output flows meanwhile, the session hears why it failed."""
+    c = await hv_gw.attach(users["bob"], "web-01+replay=0")
+    await c.wait_out(b"(writer)")
+    c.send(b"\x1dn")
+    await c.wait_out(b"send NMI to web-01? [y/N]")
+    c.send(b"y")
+    await fake.wait_for("commands", 1)
+    vm.write(b"output during nmi\r\n")
+    await c.wait_out(b"output during nmi")
+    await c.wait_out(b"failed: ", timeout=PROMPTLY)
+    await c.wait_out(b"no reply within")
+    c.send(b"typed after")
+    await vm.wait_received(b"typed after")
+    await c.close()
+
+
+async def test_typing_is_not_held_while_an_escape_action_waits(
+    hv_gw: Gateway, users: dict[str, User], vm: PtyVM, fake: FakeQMP
+) -> None:
+    """Keys typed while ^] n waits on a hung QMP reach the guest at once, not after it fails."""
+    c = await hv_gw.attach(users["bob"], "web-01+replay=0")
+    await c.wait_out(b"(writer)")
+    c.send(b"\x1dny")
+    await fake.wait_for("commands", 1)
+    c.send(b"typed during nmi")
+    await vm.wait_received(b"typed during nmi", timeout=2.0)
+    assert b"failed: " not in c.out
+    await c.wait_out(b"failed: ", timeout=PROMPTLY)
+    await c.close()
+
+
+async def test_qmp_port_survives_a_chardev_query_that_never_returns(
+    tmp_path: Path, users: dict[str, User]
+) -> None:
+    """port = "qmp:serial0" on a hung QMP stays down and asks again; the daemon keeps serving."""
+    async with (
+        serving(FakeQMP(tmp_path / "qmp.sock", "hang")) as fake,
+        gateway(
+            tmp_path,
+            vms={"web-01": "qmp:serial0"},
+            users={"alice": users["alice"]},
+            grants=[(["alice"], ["*"], "owner")],
+            vm_extra={"web-01": f'qmp = "unix:{fake.path}"'},
+        ) as g,
+    ):
+        await fake.wait_for("commands", 2, timeout=20)  # a second try: the port loop lived
+        assert [c for c, _ in fake.commands] == ["query-chardev", "query-chardev"]
+        assert not g.console("web-01").up
+        c = await g.attach(users["alice"], "web-01")
+        await c.wait_out(b"web-01 is not running")
+        await c.close()

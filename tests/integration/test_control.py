@@ -1,0 +1,256 @@
+"""The local control socket through the real ``serialmux`` CLI: commands, permissions, attach."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from serialmux.control import socket_path
+from tests.support import WAIT, Gateway, PtyVM, User, close_child, gateway, run_cli
+
+NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+needs_setpriv = pytest.mark.skipif(
+    shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv")
+
+
+def cfg(gw: Gateway) -> tuple[str, str]:
+    """The --config option pointing at the gateway's file."""
+    return ("--config", str(gw.config_path))
+
+
+async def test_socket_is_0660_in_runtime_dir(gw: Gateway) -> None:
+    """The control socket is created in runtime_dir with mode 0660."""
+    assert gw.daemon is not None
+    path = socket_path(gw.daemon.config.server.runtime_dir)
+    st = path.stat()
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+
+
+async def test_status_text_and_json(gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """status shows port state, writer and since-when, bytes read, ring use, listeners."""
+    c = await gw.attach(users["alice"], "web-01")
+    await c.wait_out(b"(writer)")
+    vm.write(b"hello status\r\n")
+    await c.wait_out(b"hello status")
+    result = await run_cli("status", *cfg(gw))
+    assert result.status == 0, result.err
+    assert f"127.0.0.1:{gw.port}" in result.out
+    assert "web-01: up since" in result.out
+    assert "writer  alice" in result.out
+    report = json.loads((await run_cli("status", "--json", *cfg(gw))).out)
+    (web,) = report["vms"]
+    assert web["up"] is True
+    assert web["bytes_read"] >= len(b"hello status\r\n")
+    assert web["writer"]["user"] == "alice"
+    assert web["writer"]["since"].endswith("Z")
+    assert web["ring"]["size"] > 0
+    assert report["listeners"] == [f"127.0.0.1:{gw.port}"]
+    await c.close()
+
+
+async def test_who_lists_writer_and_watchers(gw: Gateway, users: dict[str, User]) -> None:
+    """who VM names the writer and the watchers."""
+    w = await gw.attach(users["alice"], "web-01")
+    await w.wait_out(b"(writer)")
+    r = await gw.attach(users["carol"], "web-01")
+    await r.wait_out(b"(read-only)")
+    result = await run_cli("who", "web-01", *cfg(gw))
+    assert result.status == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0].startswith("writer  alice")
+    assert lines[1].startswith("watcher carol")
+    await w.close()
+    await r.close()
+
+
+async def test_kick_writer_and_user(gw: Gateway, users: dict[str, User]) -> None:
+    """kick VM disconnects the writer; kick --user disconnects that user's sessions."""
+    w = await gw.attach(users["alice"], "web-01")
+    await w.wait_out(b"(writer)")
+    r = await gw.attach(users["carol"], "web-01")
+    await r.wait_out(b"(read-only)")
+    result = await run_cli("kick", "web-01", *cfg(gw))
+    assert result.out.strip() == "disconnected 1 session(s)"
+    await w.wait_out(b"disconnected by root")
+    assert await w.wait_closed() == 1
+    assert not r.closed
+    result = await run_cli("kick", "web-01", "--user", "carol", *cfg(gw))
+    assert result.out.strip() == "disconnected 1 session(s)"
+    assert await r.wait_closed() == 1
+    await gw.wait_audit("kick", vm="web-01", user="root", target="carol")
+
+
+async def test_break_and_unavailable_actions(gw: Gateway) -> None:
+    """break works on a PTY; sysrq, nmi and reset without QMP fail with exit 1 and a reason."""
+    result = await run_cli("break", "web-01", *cfg(gw))
+    assert (result.status, result.out.strip()) == (0, "BREAK sent to web-01")
+    await gw.wait_audit("command", action="break", result="ok", user="root")
+    for args in (("sysrq", "web-01", "h"), ("nmi", "web-01"), ("reset", "web-01")):
+        result = await run_cli(*args, *cfg(gw))
+        assert result.status == 1
+        assert "qmp" in result.err
+    result = await run_cli("sysrq", "web-01", "!!", *cfg(gw))
+    assert result.status == 1
+    await gw.wait_audit("control", cmd="nmi", result="failed", user="root")
+
+
+async def test_disable_enable_one_and_all(gw: Gateway, users: dict[str, User]) -> None:
+    """disable closes sessions and refuses attaches (per VM and for all); enable undoes it."""
+    c = await gw.attach(users["alice"], "web-01")
+    await c.wait_out(b"(writer)")
+    result = await run_cli("disable", "web-01", "--reason", "maintenance", *cfg(gw))
+    assert result.status == 0, result.err
+    await c.wait_out(b"console disabled by root: maintenance")
+    assert await c.wait_closed() == 1
+    refused = await gw.attach(users["alice"], "web-01")
+    assert await refused.wait_closed() == 1
+    assert b"disabled: maintenance" in refused.err
+    assert (await run_cli("enable", "web-01", *cfg(gw))).status == 0
+    ok = await gw.attach(users["alice"], "web-01")
+    await ok.wait_out(b"(writer)")
+    assert (await run_cli("disable", *cfg(gw))).status == 0
+    await ok.wait_closed()
+    status = json.loads((await run_cli("status", "--json", *cfg(gw))).out)
+    assert status["disabled"].startswith("disabled by an operator")
+    assert (await run_cli("enable", *cfg(gw))).status == 0
+    again = await gw.attach(users["alice"], "web-01")
+    await again.wait_out(b"(writer)")
+    await again.close()
+
+
+async def test_unknown_vm_and_no_daemon(gw: Gateway, tmp_path: Path) -> None:
+    """An unknown VM and a stopped daemon give exit 1 and a sentence saying what to do."""
+    result = await run_cli("who", "nope-1", *cfg(gw))
+    assert result.status == 1
+    assert "no VM named 'nope-1'" in result.err
+    lonely = tmp_path / "other.toml"
+    lonely.write_text(f'[server]\nruntime_dir = "{tmp_path}/nothing"\n')
+    result = await run_cli("status", "--config", str(lonely))
+    assert result.status == 1
+    assert "is serialmux running?" in result.err
+
+
+async def test_every_action_is_audited_with_local_user(gw: Gateway) -> None:
+    """Requests through the socket are audited with the local user name, uid and pid."""
+    await run_cli("enable", "web-01", *cfg(gw))
+    rec = await gw.wait_audit("control", cmd="enable", result="ok")
+    assert rec["user"] == "root"
+    assert rec["uid"] == 0
+    assert rec["pid"] > 0
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory other users may traverse (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="smx-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_setpriv
+async def test_other_uid_is_refused(public_dir: Path, users: dict[str, User], vm: PtyVM
+                                    ) -> None:
+    """nobody is refused by the file modes, and by SO_PEERCRED when the modes let it in."""
+    vm.start()
+    async with gateway(public_dir, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")]) as g:
+        g.config_path.chmod(0o644)
+        real = public_dir / "run" / "control.sock"
+        result = await run_cli("status", "--config", str(g.config_path), prefix=NOBODY)
+        assert result.status == 1
+        assert "permission denied on" in result.err
+        real.parent.chmod(0o751)  # traversable, and the socket open to all:
+        real.chmod(0o666)  # only the daemon's own SO_PEERCRED check stands in the way
+        result = await run_cli("status", "--config", str(g.config_path), prefix=NOBODY)
+        assert result.status == 1
+        assert "permission denied: the control socket is for root" in result.err
+        await g.wait_audit("control", user="nobody", result="refused")
+        assert (await run_cli("status", "--config", str(g.config_path))).status == 0
+
+
+def spawn_attach(gw: Gateway, *args: str) -> pexpect.spawn:
+    """The real CLI's attach on a pseudo-terminal."""
+    return pexpect.spawn(str(Path(sys.executable).with_name("serialmux")),
+                         ["attach", *args, "--config", str(gw.config_path)], timeout=WAIT)
+
+
+async def test_attach_on_a_terminal_types_and_reads(gw: Gateway, vm: PtyVM) -> None:
+    """attach shows output, sends typing, honours Ctrl-] . and restores the terminal."""
+    child = spawn_attach(gw, "web-01", "--replay", "0")
+    try:
+        await child.expect("connected to web-01 \\(writer\\)", async_=True)
+        await gw.wait_audit("attach", user="root")
+        vm.write(b"guest says hi\r\n")
+        await child.expect("guest says hi", async_=True)
+        child.send(b"ls -l\r")
+        await vm.wait_received(b"ls -l\r")
+        child.send(b"\x1d.")
+        await child.expect(pexpect.EOF, async_=True)
+        assert b"\x1d" not in vm.received
+    finally:
+        close_child(child)
+    assert child.exitstatus == 0
+
+
+async def test_local_attach_follows_takeover_rules(gw: Gateway, users: dict[str, User],
+                                                   vm: PtyVM) -> None:
+    """A local attach takes over from an SSH writer; --safe refuses; --ro only watches."""
+    ssh = await gw.attach(users["alice"], "web-01")
+    await ssh.wait_out(b"(writer)")
+    safe = spawn_attach(gw, "web-01", "--safe")
+    try:
+        await safe.expect("held by alice", async_=True)
+        await safe.expect(pexpect.EOF, async_=True)
+    finally:
+        close_child(safe)
+    assert safe.exitstatus == 1
+    watcher = spawn_attach(gw, "web-01", "--ro")
+    local = spawn_attach(gw, "web-01")
+    try:
+        await watcher.expect("\\(read-only\\)", async_=True)
+        await local.expect("\\(writer\\)", async_=True)
+        await ssh.wait_out(b"console taken over by root from local")
+        assert await ssh.wait_closed() == 1
+        local.send(b"from local\r")
+        await vm.wait_received(b"from local\r")
+        vm.write(b"seen by both\r\n")
+        await watcher.expect("seen by both", async_=True)
+        await local.expect("seen by both", async_=True)
+    finally:
+        close_child(local)
+        close_child(watcher)
+
+
+async def test_nmi_reset_sysrq_through_qmp(tmp_path: Path, users: dict[str, User],
+                                           vm: PtyVM) -> None:
+    """nmi, reset and sysrq through the CLI reach QMP, each audited with the local user."""
+    from tests.unit.test_qmp_misbehaving import FakeQMP, serving
+
+    vm.start()
+    async with (serving(FakeQMP(tmp_path / "qmp.sock", "good")) as fake,
+                gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                        grants=[(["alice"], ["*"], "owner")],
+                        vm_extra={"web-01": f'qmp = "unix:{fake.path}"'}) as g):
+        hv = g.console("web-01").hypervisor
+        assert hv is not None
+        assert await hv.wait_connected(WAIT)
+        for args, expect in ((("nmi", "web-01"), "NMI sent to web-01"),
+                             (("reset", "web-01"), "web-01 reset"),
+                             (("sysrq", "web-01", "h"), "SysRq h sent to web-01")):
+            result = await run_cli(*args, "--config", str(g.config_path))
+            assert (result.status, result.err) == (0, "")
+            assert expect in result.out
+            await g.wait_audit("command", action=args[0], result="ok", user="root")
+        sent = [name for name, _ in fake.commands]
+        assert {"inject-nmi", "system_reset", "send-key"} <= set(sent)

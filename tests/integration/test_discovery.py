@@ -1,0 +1,159 @@
+"""VM discovery: NAME.serial (PTY symlink or socket) in a watched directory; churn leaks nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import resource
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import WAIT, Gateway, PtyVM, SocketVM, User, gateway
+
+CHURN_SECONDS = 20.0
+CHURN_RATE = 10  # VMs added (and as many removed) per second
+
+
+@pytest.fixture
+async def disco(tmp_path: Path, users: dict[str, User], vm: PtyVM) -> AsyncIterator[Gateway]:
+    """The daemon with web-01 static and discovery on tmp_path/vms (64 KiB rings)."""
+    vm.start()
+    extra = f'[discovery]\ndir = "{tmp_path}/vms"\nring_size = "64KiB"\n'
+    async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")], extra=extra) as g:
+        yield g
+
+
+async def wait_until(gw: Gateway, predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Wait (on audit events) until *predicate* holds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            gw._audit_changed.clear()
+            await gw._audit_changed.wait()
+
+
+def count(gw: Gateway, event: str) -> int:
+    """How many audit events of this kind the gateway has seen."""
+    return sum(1 for r in gw.audit_events if r["event"] == event)
+
+
+async def test_pty_symlink_is_discovered_and_removed(
+        disco: Gateway, users: dict[str, User], tmp_path: Path) -> None:
+    """NAME.serial → a PTY adds a console one can attach to; removing it closes the session."""
+    guest = PtyVM()
+    guest.start()
+    try:
+        (tmp_path / "vms" / "db-01.serial").symlink_to(guest.slave_path)
+        await disco.wait_audit("vm_discovered", vm="db-01")
+        c = await disco.attach(users["alice"], "db-01")
+        await c.wait_out(b"(writer)")
+        c.send(b"hello db")
+        await guest.wait_received(b"hello db")
+        guest.write(b"db says hi\r\n")
+        await c.wait_out(b"db says hi")
+        (tmp_path / "vms" / "db-01.serial").unlink()
+        await c.wait_out(b"VM db-01 went away")
+        assert await c.wait_closed() == 1
+        await disco.wait_audit("vm_gone", vm="db-01")
+        assert "db-01" not in disco.daemon.consoles  # type: ignore[union-attr]
+    finally:
+        guest.close()
+
+
+async def test_socket_serial_and_existing_files(
+        tmp_path: Path, users: dict[str, User], sockets: Callable[..., SocketVM]) -> None:
+    """A UNIX socket NAME.serial present before start is a console at READY; bad names are not."""
+    vms = tmp_path / "vms"
+    vms.mkdir()
+    sock = sockets("vms/sock-01.serial")
+    await sock.start()
+    (vms / "bad..name.serial").symlink_to("/dev/null")
+    (vms / "notes.txt").write_text("ignored")
+    extra = f'[discovery]\ndir = "{vms}"\nring_size = "64KiB"\n'
+    async with gateway(tmp_path, vms={}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")], extra=extra) as g:
+        assert g.daemon is not None
+        assert set(g.daemon.consoles) == {"sock-01"}
+        await sock.wait_connected()
+        c = await g.attach(users["alice"], "sock-01")
+        await c.wait_out(b"(writer)")
+        sock.write(b"socket guest\r\n")
+        await c.wait_out(b"socket guest")
+        await c.close()
+
+
+async def test_qmp_socket_appearing_reopens_with_hypervisor(disco: Gateway, tmp_path: Path
+                                                            ) -> None:
+    """NAME.qmp appearing after NAME.serial gives the console its QMP address."""
+    assert disco.daemon is not None
+    guest = PtyVM()
+    guest.start()
+    qmp = await asyncio.start_unix_server(lambda r, w: w.close(), str(tmp_path / "vms/q-01.qmp"))
+    try:
+        (tmp_path / "vms" / "q-01.serial").symlink_to(guest.slave_path)
+        await disco.wait_audit("vm_discovered", vm="q-01")
+        # The QMP socket exists already: the first scan of q-01 saw both files.
+        assert disco.daemon.consoles["q-01"].vm.qmp == f"unix:{tmp_path}/vms/q-01.qmp"
+        assert disco.daemon.consoles["q-01"].hypervisor is not None
+        (tmp_path / "vms" / "q-01.serial").unlink()
+        await disco.wait_audit("vm_gone", vm="q-01")  # before the PTY goes
+    finally:
+        qmp.close()
+        await qmp.wait_closed()
+        guest.close()
+
+
+def measure() -> dict[str, Any]:
+    """Open fds, live tasks and resident memory of this process."""
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * resource.getpagesize()
+    return {"fds": len(os.listdir("/proc/self/fd")), "tasks": len(asyncio.all_tasks()),
+            "rss": rss}
+
+
+async def churn(gw: Gateway, vms: Path, pool: list[PtyVM], seconds: float) -> int:
+    """Add CHURN_RATE VMs a second and remove each a second later; return how many were added."""
+    names = [f"churn-{i:02d}" for i in range(2 * CHURN_RATE)]
+    ticks = int(seconds * CHURN_RATE)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for tick in range(ticks):
+        old = vms / f"{names[(tick - CHURN_RATE) % len(names)]}.serial"
+        if tick >= CHURN_RATE:
+            old.unlink()
+        (vms / f"{names[tick % len(names)]}.serial").symlink_to(
+            pool[tick % len(pool)].slave_path)
+        # Pacing, not ordering: hold the rate at CHURN_RATE a second.
+        await asyncio.sleep(max(0.0, start + (tick + 1) / CHURN_RATE - loop.time()))
+    for path in vms.glob("churn-*.serial"):
+        path.unlink()
+    await wait_until(gw, lambda: set(gw.daemon.consoles) == {"web-01"}, timeout=30)  # type: ignore[union-attr]
+    return ticks
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_churn_leaks_no_fds_tasks_or_memory(disco: Gateway, tmp_path: Path) -> None:
+    """10 VMs a second come and go for 20 s: fds, tasks and RSS end where they started."""
+    vms = tmp_path / "vms"
+    pool = [PtyVM() for _ in range(CHURN_RATE)]
+    for p in pool:
+        p.start()
+    try:
+        await churn(disco, vms, pool, 2.0)  # warm up: caches, first imports, arenas
+        before = measure()
+        discovered = count(disco, "vm_discovered")
+        added = await churn(disco, vms, pool, CHURN_SECONDS)
+        after = measure()
+    finally:
+        for p in pool:
+            p.close()
+    assert count(disco, "vm_discovered") - discovered >= added * 0.8
+    assert after["fds"] <= before["fds"] + 2, (before, after)
+    assert after["tasks"] <= before["tasks"] + 1, (before, after)
+    assert after["rss"] - before["rss"] < 16 << 20, (before, after)

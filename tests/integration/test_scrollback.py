@@ -1,0 +1,224 @@
+"""Scrollback over real SSH and the CLI: replay on attach, logs, follow, slow clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from pathlib import Path
+
+import asyncssh
+
+from serialmux.ring import Record, RecordKind, RingReader, Skipped
+from tests.support import WAIT, Gateway, PtyVM, User
+
+SERIALMUX = [sys.executable, "-m", "serialmux"]
+
+
+async def print_lines(gw: Gateway, vm: PtyVM, count: int, tag: str = "line") -> None:
+    """The guest prints *count* numbered lines; wait until the ring has them all."""
+    await vm.send(b"".join(f"{tag} {i:05d}\r\n".encode() for i in range(count)))
+    console = gw.console("web-01")
+    want = len(b"".join(f"{tag} {i:05d}\r\n".encode() for i in range(count)))
+    async with asyncio.timeout(WAIT):
+        while console.bytes_read < want:
+            await console.backlog.wait_beyond(console.backlog.end)
+
+
+async def test_replay_shows_last_20_lines_by_default(gw: Gateway, users: dict[str, User],
+                                                     vm: PtyVM) -> None:
+    """Attaching replays the last 20 lines of scrollback, then live output follows."""
+    await print_lines(gw, vm, 50)
+    c = await gw.attach(users["alice"], "web-01", subsystem="console")
+    await c.wait_out(b"line 00049\r\n")
+    assert bytes(c.out) == b"".join(f"line {i:05d}\r\n".encode() for i in range(30, 50))
+    vm.write(b"live!\r\n")
+    await c.wait_out(b"live!\r\n")
+    await c.close()
+
+
+async def test_replay_option_sets_line_count(gw: Gateway, users: dict[str, User],
+                                             vm: PtyVM) -> None:
+    """+replay=100 replays exactly the last 100 lines."""
+    await print_lines(gw, vm, 150)
+    c = await gw.attach(users["carol"], "web-01+replay=100", subsystem="console")
+    await c.wait_out(b"line 00149\r\n")
+    assert bytes(c.out) == b"".join(f"line {i:05d}\r\n".encode() for i in range(50, 150))
+    await c.close()
+
+
+async def test_replay_zero_shows_no_history(gw: Gateway, users: dict[str, User],
+                                            vm: PtyVM) -> None:
+    """+replay=0 starts with live output only."""
+    await print_lines(gw, vm, 10)
+    c = await gw.attach(users["alice"], "web-01+replay=0", subsystem="console")
+    await gw.wait_audit("attach", user="alice")
+    vm.write(b"only this\r\n")
+    await c.wait_out(b"only this\r\n")
+    assert bytes(c.out) == b"only this\r\n"
+    await c.close()
+
+
+async def test_logs_command_over_ssh(gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """ssh VM@host logs --lines N prints the last N lines; a reader may use it."""
+    await print_lines(gw, vm, 600)
+    conn = await gw.connect(users["carol"], "web-01")
+    result = await conn.run("logs --lines 500", encoding=None)
+    assert result.exit_status == 0
+    assert result.stdout.endswith(b"line 00599\r\n")
+    assert b"line 00100\r\n" in result.stdout
+    assert b"line 00099\r\n" not in result.stdout
+    result = await conn.run("logs --json --lines 3", encoding=None)
+    objects = [json.loads(x) for x in result.stdout.splitlines()]
+    assert objects
+    assert all("seq" in o and "kind" in o for o in objects)
+    conn.close()
+
+
+async def test_cli_logs_reads_ring_while_daemon_runs_and_follows(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """serialmux logs VM prints the tail; -f then shows output printed afterwards."""
+    await print_lines(gw, vm, 30, tag="boot")
+    proc = await asyncio.create_subprocess_exec(
+        *SERIALMUX, "logs", "web-01", "--config", str(gw.config_path), "-n", "5", "-f",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        seen = b""
+        async with asyncio.timeout(WAIT * 2):
+            while b"boot 00029" not in seen:
+                seen += await proc.stdout.read(4096)
+            assert b"boot 00024" not in seen
+            assert b"boot 00025" in seen
+            vm.write(b"printed later\r\n")
+            while b"printed later" not in seen:
+                chunk = await proc.stdout.read(4096)
+                assert chunk, "logs -f ended"
+                seen += chunk
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_cli_logs_works_after_daemon_stopped(gw: Gateway, users: dict[str, User],
+                                                  vm: PtyVM) -> None:
+    """The ring stays readable by serialmux logs once the daemon has stopped."""
+    await print_lines(gw, vm, 5, tag="kept")
+    await gw.stop()
+    proc = await asyncio.create_subprocess_exec(
+        *SERIALMUX, "logs", "web-01", "--config", str(gw.config_path), "--raw",
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), WAIT * 2)
+    assert proc.returncode == 0
+    assert out.endswith(b"kept 00004\r\n")
+    gw.daemon = None  # already stopped
+
+
+async def test_stalled_client_does_not_stall_others_or_the_ring(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """A client that stops reading falls behind; another gets every byte in order; the ring
+    gets everything."""
+    stalled_conn = await gw.connect(users["carol"], "web-01+replay=0")
+    stalled_chan, _ = await stalled_conn.create_session(
+        asyncssh.SSHClientSession, subsystem="console", encoding=None)
+    stalled_chan.pause_reading()  # never reads: its window closes, the server cannot send
+    healthy = await gw.attach(users["alice"], "web-01+replay=0", subsystem="console")
+    async with asyncio.timeout(WAIT):
+        while len(gw.console("web-01").attachments) < 2:
+            await gw.wait_audit("attach", user="alice")
+    payload = b"".join(f"{i:07d} {'x' * 71}\n".encode() for i in range(40_000))  # 3.2 MB
+    console = gw.console("web-01")
+    seq_before = console.ring.next_seq
+    await vm.send(payload, timeout=60)
+    await healthy.wait_out(payload[-80:], timeout=60)
+    assert bytes(healthy.out) == payload
+    # The stalled client was dropped (stall_timeout) or skipped ahead; it held no memory.
+    rec = await gw.wait_audit("detach", user="carol")
+    assert rec["reason"].startswith("stalled")
+    with RingReader(console.ring.path) as reader:
+        records = list(reader.records(seq_before))
+    got = b"".join(r.payload for r in records
+                   if isinstance(r, Record) and r.kind is RecordKind.OUTPUT)
+    # The 1 MiB ring holds the newest part of the 3.2 MB, exactly, and says what it lost.
+    assert len(got) > 900_000
+    assert got == payload[-len(got):]
+    assert isinstance(records[0], Skipped)
+    await healthy.close()
+    stalled_chan.close()
+
+
+async def test_markers_record_attach_and_takeover(gw: Gateway, users: dict[str, User]) -> None:
+    """Attach and takeover leave markers in the ring naming who."""
+    a = await gw.attach(users["alice"], "web-01")
+    await a.wait_out(b"(writer)")
+    b = await gw.attach(users["bob"], "web-01")
+    await a.wait_closed()
+    await b.wait_out(b"(writer)")
+    with RingReader(gw.console("web-01").ring.path) as reader:
+        texts = [r.text() for r in reader.records() if isinstance(r, Record)]
+    assert "alice attached" in texts
+    assert any(re.fullmatch(r"bob took over from alice", t) for t in texts)
+    await b.close()
+
+
+class _Collect(asyncssh.SSHClientSession[bytes]):
+    """A raw client session that records stdout and stderr."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        self.changed = asyncio.Event()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        (self.err if datatype == asyncssh.EXTENDED_DATA_STDERR else self.out).extend(data)
+        self.changed.set()
+
+
+async def test_slow_client_is_told_how_much_it_skipped(gw: Gateway, users: dict[str, User],
+                                                       vm: PtyVM) -> None:
+    """A client that pauses while more than the backlog passes resumes with a skip notice."""
+    conn = await gw.connect(users["carol"], "web-01+replay=0")
+    chan, session = await conn.create_session(_Collect, subsystem="console", encoding=None,
+                                              window=64 * 1024)
+    await gw.wait_audit("attach", user="carol")
+    chan.pause_reading()
+    console = gw.console("web-01")
+    payload = b"".join(f"{i:07d} {'y' * 71}\n".encode() for i in range(12_000))  # ~1 MB
+    await vm.send(payload)
+    async with asyncio.timeout(WAIT):
+        while console.bytes_read < len(payload):
+            await console.backlog.wait_beyond(console.backlog.end)
+    chan.resume_reading()
+    async with asyncio.timeout(WAIT):
+        while not re.search(rb"serialmux: \d+ bytes skipped; see logs", session.err):
+            session.changed.clear()
+            await session.changed.wait()
+        while not session.out.endswith(payload[-80:]):
+            session.changed.clear()
+            await session.changed.wait()
+    skipped = int(re.search(rb"(\d+) bytes skipped", session.err).group(1))
+    assert len(session.out) + skipped == len(payload)
+    chan.close()
+
+
+async def test_unreadable_ring_is_moved_aside_and_daemon_serves(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A ring with bad magic is moved aside, audited, and a fresh ring records output."""
+    from tests.support import gateway
+
+    rings = tmp_path / "state" / "rings"
+    rings.mkdir(parents=True)
+    (rings / "web-01.ring").write_bytes(b"not a ring at all" * 5000)
+    vm.start()
+    async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")]) as g:
+        await g.wait_audit("ring_recovered", vm="web-01")
+        assert list(rings.glob("web-01.ring.bad-*"))
+        c = await g.attach(users["alice"], "web-01", subsystem="console")
+        vm.write(b"fresh\r\n")
+        await c.wait_out(b"fresh\r\n")
+        with RingReader(rings / "web-01.ring") as reader:
+            assert b"fresh\r\n" in b"".join(
+                r.payload for r in reader.records() if isinstance(r, Record))
+        await c.close()

@@ -1,0 +1,648 @@
+"""The SSH front under attack and its policy: certificates, limits, disable, on_detach, audit.
+
+Every test runs the real daemon on port 0 with real asyncssh (or OpenSSH)
+clients; every wait is bounded and waits on a condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from serialmux.logs import write_logs
+from tests.support import WAIT, Gateway, PtyVM, User, gateway, openssh_args, ssh_binary
+
+GRANTS = [(["alice"], ["*"], "owner"), (["bob"], ["web-*"], "contributor"),
+          (["carol"], ["web-*"], "reader")]
+
+
+async def wait_for(predicate: Any, timeout: float = WAIT) -> None:
+    """Wait until *predicate()* is true, re-checking on each loop turn (no fixed sleeps)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def ring_text(gw: Gateway, vm: str) -> bytes:
+    """The VM's scrollback as `serialmux logs` prints it (markers included)."""
+    out = io.BytesIO()
+    assert gw.daemon is not None
+    write_logs(gw.daemon.ring_path(vm), out, lines=None)
+    return out.getvalue()
+
+
+@contextlib.asynccontextmanager
+async def started(tmp: Path, vm: PtyVM, users: dict[str, User], **kw: Any
+                  ) -> AsyncIterator[Gateway]:
+    """A gateway serving web-01 on *vm* with alice/bob/carol and the standard grants."""
+    vm.start()
+    kw.setdefault("grants", GRANTS)
+    async with gateway(tmp, vms={"web-01": vm.port},
+                       users={k: v for k, v in users.items() if k != "mallory"}, **kw) as g:
+        yield g
+
+
+# ----------------------------------------------------------------------------
+# Certificates
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> asyncssh.SSHKey:
+    """A user CA whose public key is written to tmp/ca.pub."""
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "ca.pub").write_bytes(key.export_public_key())
+    (tmp_path / "revoked").write_text("# nothing revoked yet\n")
+    return key
+
+
+CA_EXTRA = '[ssh]\nuser_ca_keys = ["ca.pub"]\nrevoked_keys = "revoked"'
+
+
+async def cert_connect(gw: Gateway, ca: asyncssh.SSHKey, principals: list[str], login: str,
+                       **kw: Any) -> asyncssh.SSHClientConnection:
+    """Connect with a fresh key certified by *ca* for *principals*."""
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    kw.setdefault("key_id", "cert-of-" + ",".join(principals))
+    signer = kw.pop("signer", ca)
+    cert = signer.generate_user_certificate(key, principals=principals, **kw)
+    conn = await asyncssh.connect("127.0.0.1", gw.port, username=login,
+                                  client_keys=[(key, cert)], known_hosts=None, agent_path=None)
+    gw.conns.append(conn)
+    return conn
+
+
+async def test_certificate_principal_names_the_user(tmp_path: Path, users: dict[str, User],
+                                                    vm: PtyVM, ca: asyncssh.SSHKey) -> None:
+    """A certificate for principal alice logs in as alice (login = VM); key id+serial audited."""
+    async with started(tmp_path, vm, users, extra=CA_EXTRA) as gw:
+        conn = await cert_connect(gw, ca, ["alice"], "web-01", serial=4242)
+        result = await conn.run("who", encoding=None)
+        assert result.exit_status == 0
+        rec = await gw.wait_audit("auth_success", user="alice")
+        assert (rec["key_id"], rec["serial"]) == ("cert-of-alice", 4242)
+        conn.close()
+
+
+@pytest.mark.parametrize(("principals", "kw", "reason"), [
+    ([], {}, "no principals"),
+    (["alice"], {"valid_after": time.time() - 7200, "valid_before": time.time() - 60},
+     "expired"),
+    (["alice"], {"valid_after": time.time() + 3600}, "not yet valid"),
+    (["ghost"], {}, "no principal is a configured user"),
+    (["alice"], {"serial": 666}, "serial 666 is revoked"),
+    (["alice"], {"key_id": "stolen-laptop"}, "key id is revoked"),
+    (["alice"], {"signer": "other"}, "untrusted CA"),
+])
+async def test_bad_certificates_are_refused(tmp_path: Path, users: dict[str, User], vm: PtyVM,
+                                            ca: asyncssh.SSHKey, principals: list[str],
+                                            kw: dict[str, Any], reason: str) -> None:
+    """Empty principals, expired, not yet valid, unknown principal, revoked, wrong CA: refused."""
+    (tmp_path / "revoked").write_text("serial:666\nid:stolen-laptop\n")
+    if kw.get("signer") == "other":
+        kw["signer"] = asyncssh.generate_private_key("ssh-ed25519")
+    async with started(tmp_path, vm, users, extra=CA_EXTRA) as gw:
+        with pytest.raises(asyncssh.PermissionDenied):
+            await cert_connect(gw, ca, principals, "web-01", **kw)
+        rec = await gw.wait_audit("auth_failure")
+        assert reason in rec["reason"]
+        assert not [e for e in gw.audit_events if e["event"] == "auth_success"]
+
+
+async def test_revoked_plain_key_is_refused(tmp_path: Path, users: dict[str, User],
+                                            vm: PtyVM, ca: asyncssh.SSHKey) -> None:
+    """A user's own key listed in revoked_keys is refused (file re-read without restart)."""
+    async with started(tmp_path, vm, users, extra=CA_EXTRA) as gw:
+        (tmp_path / "revoked").write_text(users["bob"].public + "\n")
+        with pytest.raises(asyncssh.PermissionDenied):
+            await gw.connect(users["bob"], "web-01")
+        await gw.wait_audit("auth_failure", reason="key is revoked")
+
+
+async def test_alice_certificate_cannot_act_as_bob(tmp_path: Path, users: dict[str, User],
+                                                   vm: PtyVM, ca: asyncssh.SSHKey) -> None:
+    """Identity is the principal: alice's certificate gets alice's grants, never bob's."""
+    grants = [(["alice"], ["web-*"], "reader"), (["bob"], ["*"], "owner")]
+    async with started(tmp_path, vm, users, extra=CA_EXTRA, grants=grants) as gw:
+        conn = await cert_connect(gw, ca, ["alice"], "web-01")
+        result = await conn.run("disable --reason x", encoding=None)
+        assert result.exit_status == 1
+        assert b"needs the owner role" in result.stderr
+        conn.close()
+        for login in ("bob", "bob@web-01", "web-01+ro"):
+            conn = await cert_connect(gw, ca, ["alice"], login)
+            result = await conn.run("who", encoding=None)
+            conn.close()
+            assert (login, result.exit_status) != ("bob", 0)
+        refused = [e for e in gw.audit_events if e["event"] == "refused"]
+        assert refused
+        assert all(e["user"] == "alice" for e in refused)
+
+
+@pytest.mark.skipif(ssh_binary() is None, reason="needs OpenSSH")
+async def test_openssh_client_with_ssh_keygen_certificate(tmp_path: Path,
+                                                          users: dict[str, User],
+                                                          vm: PtyVM) -> None:
+    """OpenSSH's client presents an ssh-keygen certificate; the principal names the user."""
+    keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", ""]
+    for cmd in ([*keygen, "-f", str(tmp_path / "ca")], [*keygen, "-f", str(tmp_path / "id")],
+                ["ssh-keygen", "-q", "-s", str(tmp_path / "ca"), "-I", "alice-laptop",
+                 "-n", "alice", "-z", "77", "-V", "-5m:+5m", str(tmp_path / "id.pub")]):
+        proc = await asyncio.create_subprocess_exec(*cmd)
+        assert await proc.wait() == 0
+    (tmp_path / "revoked").write_text("")
+    async with started(tmp_path, vm, users, extra=CA_EXTRA) as gw:
+        user = User("alice", users["alice"].key, tmp_path / "id")
+        proc = await asyncio.create_subprocess_exec(
+            *openssh_args(gw, user, "web-01", "-o", f"CertificateFile={tmp_path}/id-cert.pub"),
+            "who", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+        assert proc.returncode == 0, err
+        rec = await gw.wait_audit("auth_success", user="alice")
+        assert (rec["key_id"], rec["serial"]) == ("alice-laptop", 77)
+
+
+# ----------------------------------------------------------------------------
+# Limits
+
+
+async def test_fifty_keys_on_one_connection_are_cut_at_max_auth_tries(
+        gw: Gateway, users: dict[str, User]) -> None:
+    """50 unknown keys offered on one connection: disconnected after MaxAuthTries (6)."""
+    keys = [asyncssh.generate_private_key("ssh-ed25519") for _ in range(50)]
+    with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError)):
+        await asyncssh.connect("127.0.0.1", gw.port, username="web-01", client_keys=keys,
+                               known_hosts=None, agent_path=None)
+    limit = await gw.wait_audit("auth_limit")
+    failures = [e for e in gw.audit_events
+                if e["event"] == "auth_failure" and e["session"] == limit["session"]]
+    assert len(failures) == 6
+
+
+async def failed_login(gw: Gateway, user: User, **kw: Any) -> str:
+    """One connection that fails to authenticate; return how it ended."""
+    try:
+        conn = await asyncssh.connect("127.0.0.1", gw.port, username="web-01",
+                                      client_keys=[user.key], known_hosts=None, agent_path=None,
+                                      login_timeout=WAIT, **kw)
+    except asyncssh.PermissionDenied:
+        return "denied"
+    except (asyncssh.DisconnectError, ConnectionError, OSError, asyncssh.ConnectionLost):
+        return "dropped"
+    conn.close()  # pragma: no cover - must not happen
+    await conn.wait_closed()
+    return "accepted"
+
+
+async def test_per_source_penalty_after_many_failures(gw: Gateway,
+                                                      users: dict[str, User]) -> None:
+    """200 failed logins from one source: penalised (dropped fast); another source is fine."""
+    started_at = time.monotonic()
+    outcomes = [await failed_login(gw, users["mallory"]) for _ in range(200)]
+    elapsed = time.monotonic() - started_at
+    # 3 x 5 s reaches the 15 s minimum; the server may see the 3rd close after the 4th opens.
+    first_drop = outcomes.index("dropped")
+    assert 3 <= first_drop <= 5
+    assert set(outcomes[:first_drop]) == {"denied"}
+    assert set(outcomes[first_drop:]) == {"dropped"}
+    assert elapsed < 30
+    rec = await gw.wait_audit("connection_refused")
+    assert "penalised" in rec["reason"]
+    # alice from the same address is refused too; from 127.0.0.2 she gets in.
+    assert await failed_login(gw, users["alice"]) == "dropped"
+    conn = await gw.connect(users["alice"], "web-01", local_addr=("127.0.0.2", 0))
+    assert (await conn.run("who")).exit_status == 0
+    conn.close()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+async def open_silent(n: int, port: int, host: str = "127.0.0.1"
+                      ) -> list[asyncio.StreamWriter]:
+    """Open *n* TCP connections that never send an SSH banner."""
+    writers = []
+    for _ in range(n):
+        _, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(host, 0))
+        writers.append(writer)
+    return writers
+
+
+async def close_all(writers: list[asyncio.StreamWriter]) -> None:
+    for w in writers:
+        w.close()
+    for w in writers:
+        with contextlib.suppress(OSError):
+            await w.wait_closed()
+
+
+async def test_max_startups_caps_silent_connections_and_recovers(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """300 banner-less connections: at most 100 held, the rest dropped; login timeout frees
+    them, a real user gets in, and fds and memory return to the baseline."""
+    async with started(tmp_path, vm, users, extra="[ssh]\nlogin_timeout = 3") as gw:
+        assert gw.daemon is not None
+        gate = gw.daemon.gate
+        probe = await gw.connect(users["alice"], "web-01")  # warm up the code paths
+        probe.close()
+        await probe.wait_closed()
+        await wait_for(lambda: gate.unauthenticated == 0)
+        fds, rss = fd_count(), rss_kib()
+        flood = await open_silent(300, gw.port)
+        refused = lambda: sum(  # noqa: E731
+            1 for e in gw.audit_events if e["event"] == "connection_refused")
+        await wait_for(lambda: refused() + gate.unauthenticated >= 300)
+        assert 10 <= gate.unauthenticated <= 100
+        assert refused() >= 200
+        # The daemon frees the held ones itself (login timeout), clients still silent.
+        await wait_for(lambda: gate.unauthenticated == 0, timeout=WAIT + 3)
+        conn = await gw.connect(users["alice"], "web-01")
+        assert (await conn.run("who")).exit_status == 0
+        conn.close()
+        await conn.wait_closed()
+        gw.conns.remove(conn)
+        await close_all(flood)
+        await wait_for(lambda: fd_count() <= fds + 2)
+        assert rss_kib() - rss < 32 * 1024
+        assert gate.per_source == {}
+        assert gate.unauthenticated == 0
+
+
+async def test_per_source_max_startups_keeps_other_sources_in(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """With per_source_max_startups, one flooding address cannot lock others out."""
+    extra = "[ssh]\nper_source_max_startups = 5"
+    async with started(tmp_path, vm, users, extra=extra) as gw:
+        assert gw.daemon is not None
+        gate = gw.daemon.gate
+        flood = await open_silent(300, gw.port)
+        await wait_for(lambda: sum(1 for e in gw.audit_events
+                                   if e["event"] == "connection_refused") >= 295)
+        assert gate.per_source == {"127.0.0.1": 5}
+        conn = await gw.connect(users["alice"], "web-01", local_addr=("127.0.0.2", 0))
+        assert (await conn.run("who")).exit_status == 0
+        conn.close()
+        await close_all(flood)
+        await wait_for(lambda: gate.unauthenticated == 0)
+
+
+class Proxy:
+    """A TCP relay that can freeze: the client 'vanishes' without closing its socket."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.frozen = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.target)
+        self.writers += [w, uw]
+        for src, dst in ((r, uw), (ur, w)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self.tasks.add(task)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                if self.frozen.is_set():
+                    await asyncio.Event().wait()  # swallow: the peer hears nothing more
+                dst.write(data)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for w in self.writers:
+            w.close()
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_keepalive_frees_a_vanished_writer(tmp_path: Path, users: dict[str, User],
+                                                 vm: PtyVM) -> None:
+    """A writer whose network vanishes is dropped by keepalives; on_detach reaches the guest."""
+    extra = "[ssh]\nkeepalive_interval = 0.3\nkeepalive_count_max = 2"
+    async with started(tmp_path, vm, users, extra=extra,
+                       vm_extra={"web-01": 'on_detach = "logout\\r"'}) as gw:
+        proxy = Proxy(gw.port)
+        port = await proxy.start()
+        conn = await asyncssh.connect("127.0.0.1", port, username="web-01",
+                                      client_keys=[users["alice"].key], known_hosts=None,
+                                      agent_path=None)
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await gw.wait_audit("attach", user="alice")
+        proxy.frozen.set()
+        await vm.wait_received(b"logout\r")
+        assert gw.console("web-01").writer is None
+        await gw.wait_audit("detach", user="alice")
+        process.close()
+        conn.abort()
+        await proxy.close()
+
+
+# ----------------------------------------------------------------------------
+# Groups, enable / disable
+
+
+async def test_group_grant_gives_members_the_role(tmp_path: Path, users: dict[str, User],
+                                                  vm: PtyVM) -> None:
+    """A grant to a group makes its members writers; non-members get nothing."""
+    extra = ('[groups]\nops = ["carol"]\n[[grants]]\ngroups = ["ops"]\nvms = ["web-*"]\n'
+             'role = "contributor"')
+    async with started(tmp_path, vm, users, extra=extra,
+                       grants=[(["alice"], ["db-*"], "owner")]) as gw:
+        c = await gw.attach(users["carol"], "web-01")
+        await c.wait_out(b"(writer)")
+        c.send(b"via group")
+        await vm.wait_received(b"via group")
+        await c.close()
+        a = await gw.attach(users["alice"], "web-01")
+        assert await a.wait_closed() == 1
+        assert b"access denied" in a.err
+
+
+async def test_disable_while_attached_persists_and_enable(tmp_path: Path,
+                                                         users: dict[str, User],
+                                                         vm: PtyVM) -> None:
+    """An owner disables over SSH: attached sessions are told and closed, new ones refused
+    with since-when and why, across a restart; contributors cannot; enable reopens."""
+    async with started(tmp_path, vm, users) as gw:
+        watcher = await gw.attach(users["carol"], "web-01")
+        await watcher.wait_out(b"(read-only)")
+        bob = await gw.connect(users["bob"], "web-01")
+        denied = await bob.run('disable --reason "not me"', encoding=None)
+        assert denied.exit_status == 1
+        assert b"needs the owner role" in denied.stderr
+        alice = await gw.connect(users["alice"], "web-01")
+        result = await alice.run('disable --reason "kernel upgrade, back at 14:00"',
+                                 encoding=None)
+        assert result.exit_status == 0
+        await watcher.wait_out(b"console disabled by alice: kernel upgrade, back at 14:00")
+        assert await watcher.wait_closed() == 1
+        await gw.wait_audit("disable", user="alice", vm="web-01")
+    async with started(tmp_path, vm, users) as gw:
+        refused = await gw.attach(users["bob"], "web-01")
+        assert await refused.wait_closed() == 1
+        assert re.search(rb"console web-01 is disabled: kernel upgrade, back at 14:00 "
+                         rb"\(by alice at \d{4}-\d\d-\d\dT\d\d:\d\d", refused.err)
+        alice = await gw.connect(users["alice"], "web-01")
+        assert (await alice.run("enable")).exit_status == 0
+        ok = await gw.attach(users["bob"], "web-01")
+        await ok.wait_out(b"(writer)")
+        await ok.close()
+
+
+async def test_server_enabled_false_refuses_everything(tmp_path: Path, users: dict[str, User],
+                                                       vm: PtyVM) -> None:
+    """[server] enabled = false: every attach is refused with the reason."""
+    async with started(tmp_path, vm, users, extra="enabled = false") as gw:
+        c = await gw.attach(users["alice"], "web-01")
+        assert await c.wait_closed() == 1
+        assert b"disabled for all VMs: disabled in the configuration" in c.err
+
+
+# ----------------------------------------------------------------------------
+# When the writer leaves
+
+
+ON_DETACH = {"web-01": 'on_detach = "logout\\r"'}
+
+
+async def test_on_detach_on_takeover_and_disconnect(tmp_path: Path, users: dict[str, User],
+                                                    vm: PtyVM) -> None:
+    """on_detach reaches the guest when the writer is displaced and when it disconnects."""
+    async with started(tmp_path, vm, users, vm_extra=ON_DETACH) as gw:
+        first = await gw.attach(users["alice"], "web-01")
+        await gw.wait_audit("attach", user="alice")
+        second = await gw.attach(users["bob"], "web-01")
+        await vm.wait_received(b"logout\r")
+        await gw.wait_audit("on_detach", user="alice", reason="displaced")
+        await first.wait_closed()
+        await second.close()
+        await gw.wait_audit("on_detach", user="bob")
+        await vm.wait_received(b"logout\rlogout\r")
+        assert ring_text(gw, "web-01").count(b"on_detach sent after") == 2
+
+
+async def test_idle_timeout_disconnects_writer_and_sends_on_detach(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A writer who types nothing for idle_timeout is disconnected; the guest gets on_detach."""
+    vm_extra = {"web-01": 'on_detach = "logout\\r"\nidle_timeout = 0.5'}
+    async with started(tmp_path, vm, users, vm_extra=vm_extra) as gw:
+        watcher = await gw.attach(users["carol"], "web-01")
+        c = await gw.attach(users["alice"], "web-01")
+        await c.wait_out(b"(writer)")
+        c.send(b"x")
+        await vm.wait_received(b"x")
+        await c.wait_out(b"idle for 0.5 s: disconnected")
+        assert await c.wait_closed() == 1
+        await vm.wait_received(b"xlogout\r")
+        rec = await gw.wait_audit("idle_timeout", user="alice")
+        assert rec["result"] == "disconnected"
+        await gw.wait_audit("detach", user="alice", reason="idle timeout")
+        ring = ring_text(gw, "web-01")
+        assert b"alice idle for 0.5 s: disconnected" in ring
+        assert b"on_detach sent" in ring
+        assert not watcher.closed  # watchers are never idle-kicked
+        await watcher.close()
+
+
+# ----------------------------------------------------------------------------
+# Redaction
+
+
+async def test_redaction_in_ring_not_in_live_view(tmp_path: Path, users: dict[str, User],
+                                                  vm: PtyVM) -> None:
+    """A secret split across two reads reaches the live view intact and the ring redacted."""
+    rules = 'redact = [{name = "aws", pattern = "AKIA[0-9A-Z]{16}"}]'
+    async with started(tmp_path, vm, users, vm_extra={"web-01": rules},
+                       extra='redact = ["hunter[0-9]"]') as gw:
+        c = await gw.attach(users["alice"], "web-01+replay=0")
+        await c.wait_out(b"(writer)")
+        vm.write(b"export KEY=AKIAABCDEF")
+        await c.wait_out(b"AKIAABCDEF")  # a separate read of the port
+        vm.write(b"GHIJKLMNOP done\r\npw hunter2\r\n")
+        await c.wait_out(b"pw hunter2")
+        assert b"AKIAABCDEFGHIJKLMNOP" in c.out
+        await wait_for(lambda: b"pw [redacted:secret]" in ring_text(gw, "web-01"))
+        ring = ring_text(gw, "web-01")
+        assert b"export KEY=[redacted:aws] done" in ring
+        assert b"AKIA" not in ring
+        assert b"hunter2" not in ring
+        vm.write(b"Password: ")  # no newline: flushed to the ring by the timer
+        await wait_for(lambda: b"Password: " in ring_text(gw, "web-01"))
+        await c.close()
+
+
+# ----------------------------------------------------------------------------
+# Audit
+
+
+REQUIRED = {"id", "index", "time", "event"}
+PER_EVENT = {
+    "connect": {"session", "peer"},
+    "auth_success": {"session", "peer", "user", "fingerprint", "result"},
+    "auth_failure": {"session", "peer", "fingerprint", "reason", "result"},
+    "attach": {"session", "peer", "user", "vm", "fingerprint", "result"},
+    "detach": {"session", "peer", "user", "vm", "bytes_in", "bytes_out", "duration", "reason"},
+    "takeover": {"session", "peer", "user", "vm", "previous_user", "previous_session"},
+    "refused": {"session", "peer", "user", "vm", "reason"},
+    "command": {"session", "peer", "user", "vm", "action", "result"},
+    "disable": {"session", "user", "vm", "reason", "result"},
+    "enable": {"session", "user", "vm", "result"},
+    "disconnect": {"session", "peer"},
+}
+
+
+async def test_every_audit_event_is_json_with_its_fields(tmp_path: Path,
+                                                         users: dict[str, User],
+                                                         vm: PtyVM) -> None:
+    """Each event of a busy scenario parses as JSON with id, index, UTC time and its facts;
+    console bytes never appear; user strings are escaped and capped; SIGUSR1 reopens."""
+    audit = tmp_path / "audit.log"
+    async with started(tmp_path, vm, users, extra=f'audit_file = "{audit}"') as gw:
+        a = await gw.attach(users["alice"], "web-01")
+        await a.wait_out(b"(writer)")
+        a.send(b"TYPED-BY-ALICE-0xfeed\r")
+        vm.write(b"PRINTED-BY-GUEST-0xbeef\r\n")
+        await a.wait_out(b"PRINTED-BY-GUEST-0xbeef")
+        a.process.channel.send_break(100)
+        await a.wait_out(b"BREAK sent")
+        b = await gw.attach(users["bob"], "web-01")
+        await a.wait_closed()
+        await b.close()
+        with pytest.raises(asyncssh.PermissionDenied):
+            await gw.connect(users["mallory"], "web-01" + "A" * 500)
+        owner = await gw.connect(users["alice"], "web-01")
+        await owner.run("\x1b]0;owned\x07" + "B" * 500)
+        await owner.run("disable --reason 'audit test'")
+        await owner.run("enable")
+        owner.close()
+        await gw.wait_audit("detach", user="bob")
+        # rotation: move the file away, SIGUSR1, new events land in a new file
+        rotated = tmp_path / "audit.log.1"
+        audit.rename(rotated)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await wait_for(audit.exists)
+        c = await gw.attach(users["carol"], "web-01")
+        await c.wait_out(b"(read-only)")
+        await c.close()
+        await gw.wait_audit("detach", user="carol")
+    assert gw.daemon is not None
+    gw.daemon.audit.close()
+    lines = rotated.read_text().splitlines()
+    new_lines = audit.read_text().splitlines()
+    assert any('"user":"carol"' in line for line in new_lines)
+    records = [json.loads(line) for line in lines + new_lines]
+    assert [r["index"] for r in records] == sorted(r["index"] for r in records)
+    assert len({r["id"] for r in records}) == len(records)
+    seen = set()
+    for rec in records:
+        assert rec.keys() >= REQUIRED, rec
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec["time"])
+        missing = PER_EVENT.get(rec["event"], set()) - rec.keys()
+        assert not missing, (rec["event"], missing)
+        seen.add(rec["event"])
+    assert set(PER_EVENT) <= seen, set(PER_EVENT) - seen
+    text = "\n".join(lines + new_lines)
+    assert "TYPED-BY-ALICE" not in text
+    assert "PRINTED-BY-GUEST" not in text
+    login = next(r["login"] for r in records if r.get("login", "").startswith("web-01A"))
+    assert len(login) <= 200
+    command = next(r["command"] for r in records if r.get("command", "").startswith("\\x1b"))
+    assert "\x1b" not in command
+    assert "\x07" not in command
+    assert len(command) <= 200
+
+
+# ----------------------------------------------------------------------------
+# What is never offered
+
+
+@pytest.mark.skipif(shutil.which("ssh-agent") is None, reason="needs ssh-agent")
+async def test_agent_and_x11_forwarding_are_refused(gw: Gateway, users: dict[str, User],
+                                                    tmp_path: Path) -> None:
+    """X11 forwarding is refused; an agent forwarding request is ignored (no agent path)."""
+    sock = tmp_path / "agent.sock"
+    agent = await asyncio.create_subprocess_exec("ssh-agent", "-D", "-a", str(sock),
+                                                 stdout=asyncio.subprocess.DEVNULL)
+    await wait_for(sock.exists)
+    conn = await asyncssh.connect("127.0.0.1", gw.port, username="web-01",
+                                  client_keys=[users["alice"].key], known_hosts=None,
+                                  agent_path=str(tmp_path / "agent.sock"), agent_forwarding=True)
+    gw.conns.append(conn)
+    with pytest.raises(asyncssh.ChannelOpenError, match="X11"):
+        await conn.create_process(term_type="xterm", x11_forwarding=True,
+                                  x11_display="127.0.0.1:99")
+    process = await conn.create_process(term_type="xterm", encoding=None)
+    await gw.wait_audit("attach", user="alice")
+    assert gw.daemon is not None
+    (session,) = gw.daemon.sessions
+    assert session.process.channel.get_agent_path() is None
+    assert session.process.channel.get_x11_display() is None
+    process.close()
+    agent.terminate()
+    await agent.wait()
+
+
+@pytest.mark.skipif(ssh_binary() is None, reason="needs OpenSSH")
+async def test_openssh_exec_of_a_shell_command_is_refused(gw: Gateway,
+                                                          users: dict[str, User]) -> None:
+    """OpenSSH `ssh host /bin/sh -c ...` gets no shell: usage error, nothing run."""
+    proc = await asyncio.create_subprocess_exec(
+        *openssh_args(gw, users["alice"], "web-01"), "/bin/sh", "-c", "id",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    assert proc.returncode == 2
+    assert b"there is no shell here" in err
+    assert not out
+
+
+# ----------------------------------------------------------------------------
+# ssh-audit
+
+
+SSH_AUDIT = Path(sys.executable).with_name("ssh-audit")
+
+
+@pytest.mark.skipif(not SSH_AUDIT.exists(), reason="pip install ssh-audit (test extra)")
+async def test_ssh_audit_finds_no_failures_and_strict_kex(gw: Gateway) -> None:
+    """ssh-audit reports no 'fail' findings and the server offers strict key exchange."""
+    proc = await asyncio.create_subprocess_exec(
+        str(SSH_AUDIT), "-j", "-p", str(gw.port), "127.0.0.1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, _err = await asyncio.wait_for(proc.communicate(), WAIT * 3)
+    report = json.loads(out)
+    kex = [k["algorithm"] for k in report["kex"]]
+    assert "kex-strict-s-v00@openssh.com" in kex
+    failures = [(section, item["algorithm"], item["notes"]["fail"])
+                for section in ("kex", "key", "enc", "mac")
+                for item in report.get(section, []) if item.get("notes", {}).get("fail")]
+    assert not failures, failures
+    assert not report.get("cves"), report.get("cves")

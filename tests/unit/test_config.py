@@ -1,0 +1,126 @@
+"""Config errors name the file, line and key; authorized_keys options are implemented or refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from serialmux.config import ConfigError, Role, load_config
+
+KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "serialmux.toml"
+    path.write_text(body)
+    return path
+
+
+BASE = f"""\
+[server]
+listen = ["127.0.0.1:0"]
+
+[vms.web-01]
+port = "pty:/dev/pts/99"
+
+[users.alice]
+keys = ["{KEY}"]
+"""
+
+
+@pytest.mark.parametrize("option", ["restrict", "no-pty", 'command="/bin/sh"', "permitopen=\"x:1\"",
+                                    "cert-authority", "frobnicate"])
+def test_authorized_key_options_other_than_from_are_refused(tmp_path: Path, option: str) -> None:
+    """restrict, no-*, command= and unknown options are load errors naming file and line."""
+    keys = tmp_path / "alice.keys"
+    keys.write_text(f"# alice\n{option} {KEY}\n")
+    path = write(tmp_path, BASE.replace(f'keys = ["{KEY}"]', f'authorized_keys = "{keys}"'))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert f"{path}:8: users.alice.authorized_keys:" in text
+    assert f"{keys} line 2: option" in text
+    assert "not supported" in text
+
+
+def test_from_option_is_implemented(tmp_path: Path) -> None:
+    """from= is parsed and enforced per address."""
+    path = write(tmp_path, BASE.replace(f'"{KEY}"', f"'from=\"10.0.0.0/8,!10.9.9.9\" {KEY}'"))
+    key = load_config(path).users["alice"].keys[0]
+    assert key.allows_from("10.1.2.3")
+    assert not key.allows_from("10.9.9.9")
+    assert not key.allows_from("192.168.0.1")
+
+
+def test_ssh_limits_default_to_sshd(tmp_path: Path) -> None:
+    """Without [ssh], the limits are sshd's defaults."""
+    ssh = load_config(write(tmp_path, BASE)).ssh
+    assert (ssh.login_timeout, ssh.max_auth_tries, ssh.max_startups) == (30, 6, (10, 30, 100))
+    assert (ssh.penalty_authfail, ssh.keepalive_interval, ssh.keepalive_count_max) == (5, 15, 3)
+    assert ssh.per_source_max_startups is None
+
+
+@pytest.mark.parametrize(("snippet", "where"), [
+    ('[ssh]\nmax_startups = "10:200:5"\n', "10: ssh.max_startups"),
+    ("[ssh]\nmax_auth_tries = 0\n", "10: ssh.max_auth_tries"),
+    ("[ssh]\nper_source_max_startups = 0\n", "10: ssh.per_source_max_startups"),
+    ('[ssh]\nlogin_timout = 3\n', "10: ssh.login_timout"),
+    ('[server.x]\n', "9: server.x"),
+])
+def test_ssh_errors_name_line_and_key(tmp_path: Path, snippet: str, where: str) -> None:
+    """Bad [ssh] values are reported as FILE:LINE: KEY: message."""
+    path = write(tmp_path, BASE + snippet)
+    with pytest.raises(ConfigError, match=rf"{path}:{where}:"):
+        load_config(path)
+
+
+def test_redact_rules_global_and_per_vm(tmp_path: Path) -> None:
+    """[server] redact applies to every VM, before the VM's own rules."""
+    body = BASE.replace('listen = ["127.0.0.1:0"]',
+                        'listen = ["127.0.0.1:0"]\nredact = ["hunter2"]')
+    body = body.replace('port = "pty:/dev/pts/99"',
+                        'port = "pty:/dev/pts/99"\nredact = [{name = "aws", pattern = "AKIA.+"}]')
+    vm = load_config(write(tmp_path, body)).vms["web-01"]
+    assert [r.name for r in vm.redact] == ["secret", "aws"]
+
+
+def test_bad_redact_rule_names_line(tmp_path: Path) -> None:
+    """An invalid redact regex names the file, line and key."""
+    body = BASE.replace('port = "pty:/dev/pts/99"', 'port = "pty:/dev/pts/99"\nredact = ["("]')
+    path = write(tmp_path, body)
+    with pytest.raises(ConfigError, match=rf"{path}:6: vms.web-01.redact: item 0: invalid regex"):
+        load_config(path)
+
+
+def test_groups_and_mfa_grants(tmp_path: Path) -> None:
+    """A group grant gives its members the role; the top grant's mfa decides."""
+    body = BASE + """
+[groups]
+ops = ["alice"]
+
+[[grants]]
+groups = ["ops"]
+vms = ["web-*"]
+role = "owner"
+mfa = "totp"
+
+[[grants]]
+users = ["alice"]
+vms = ["*"]
+role = "reader"
+"""
+    config = load_config(write(tmp_path, body))
+    assert config.role_for("alice", "web-01") is Role.OWNER
+    assert config.mfa_for("alice", "web-01") == "totp"
+    assert config.role_for("alice", "db-01") is Role.READER
+    assert config.mfa_for("alice", "db-01") is None
+
+
+def test_bad_mfa_value_is_refused(tmp_path: Path) -> None:
+    """mfa accepts only "totp"."""
+    body = BASE + '\n[[grants]]\nusers = ["alice"]\nvms = ["*"]\nrole = "owner"\nmfa = "sms"\n'
+    path = write(tmp_path, body)
+    with pytest.raises(ConfigError, match=rf"{path}:14: grants.0.mfa: must be \"totp\""):
+        load_config(path)
