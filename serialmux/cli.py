@@ -153,10 +153,10 @@ def _runtime_dir(config_path: str) -> Path:
 
 
 def _control(config_path: str, payload: dict[str, object]) -> dict[str, object]:
-    from . import control
+    from . import controlclient
 
     try:
-        return control.request(_runtime_dir(config_path), payload)
+        return controlclient.request(_runtime_dir(config_path), payload)
     except SerialmuxError as exc:
         click.echo(f"serialmux: {exc}", err=True)
         sys.exit(1)
@@ -175,7 +175,7 @@ def status(config_path: str, as_json: bool) -> None:
     """Show each VM (port, writer, watchers, bytes, ring) and each listener."""
     import json
 
-    from .control import render_status
+    from .controlclient import render_status
 
     report = _control(config_path, {"cmd": "status"})["status"]
     assert isinstance(report, dict)
@@ -261,12 +261,12 @@ def reload(config_path: str) -> None:
 @click.option("--replay", default=20, show_default=True, help="Lines of scrollback first.")
 def attach(vm: str, config_path: str, ro: bool, safe: bool, replay: int) -> None:
     """The VM's console on this terminal (Ctrl-] . leaves, Ctrl-] ? lists escapes)."""
-    from . import control
+    from . import controlclient
 
     try:
-        control.attach(_runtime_dir(config_path),
-                       {"vm": _vm_arg(vm), "ro": ro, "safe": safe, "replay": replay},
-                       sys.stdin.fileno(), sys.stdout.fileno())
+        controlclient.attach(_runtime_dir(config_path),
+                             {"vm": _vm_arg(vm), "ro": ro, "safe": safe, "replay": replay},
+                             sys.stdin.fileno(), sys.stdout.fileno())
     except SerialmuxError as exc:
         click.echo(f"serialmux: {exc}", err=True)
         sys.exit(1)

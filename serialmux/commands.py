@@ -172,25 +172,19 @@ async def _action(action: Action, daemon: Daemon, out: _Out, console: Console,
     return 0
 
 
-@_command("break")
-async def _break(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
-                 role: Role, args: list[str]) -> int:
-    _parser("break").parse_args(args)
-    return await _action(Action.BREAK, daemon, out, console, identity, None)
+def _plain_action(name: str, action: Action) -> None:
+    """Register a command that takes no arguments and performs *action*."""
+
+    async def handler(daemon: Daemon, process: Any, out: _Out, console: Console,
+                      identity: Identity, role: Role, args: list[str]) -> int:
+        _parser(name).parse_args(args)
+        return await _action(action, daemon, out, console, identity, None)
+
+    _COMMANDS[name] = handler
 
 
-@_command("nmi")
-async def _nmi(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
-               role: Role, args: list[str]) -> int:
-    _parser("nmi").parse_args(args)
-    return await _action(Action.NMI, daemon, out, console, identity, None)
-
-
-@_command("reset")
-async def _reset(daemon: Daemon, process: Any, out: _Out, console: Console, identity: Identity,
-                 role: Role, args: list[str]) -> int:
-    _parser("reset").parse_args(args)
-    return await _action(Action.RESET, daemon, out, console, identity, None)
+for _name, _act in (("break", Action.BREAK), ("nmi", Action.NMI), ("reset", Action.RESET)):
+    _plain_action(_name, _act)
 
 
 @_command("sysrq")

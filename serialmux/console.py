@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .access import Identity
 from .config import VMConfig
-from .errors import AccessDenied
+from .errors import AccessDenied, RingError
 from .log import Audit, get_logger, utc_now
 from .port import VMPort
 from .redact import FLUSH_AFTER, Redactor
@@ -141,6 +141,7 @@ class Console:
         self.down_reason: str | None = "not opened yet"
         self.hypervisor: Hypervisor | None = None
         self.disabled: str | None = None  # reason, when disabled
+        self.ring_error: str | None = None  # the last ring write failure, if any
         # Called (loop thread) after the port goes up or down; the daemon updates STATUS=.
         self.on_state_change: Callable[[], None] = lambda: None
         self._tasks: asyncio.TaskGroup | None = None
@@ -153,14 +154,28 @@ class Console:
         """Guest output: to the ring first (the record, redacted), then to the live backlog."""
         self.bytes_read += len(data)
         if self.ring is not None:
-            if self.redactor is None:
-                self.ring.append(data)
-            else:
-                ready = self.redactor.feed(data)
-                if ready:
-                    self.ring.append(ready)
-                self._arm_redact_flush()
+            try:
+                if self.redactor is None:
+                    self.ring.append(data)
+                    if self.ring_error:
+                        log.info("ring_write_recovered", vm=self.name)
+                        self.ring_error = None
+                else:
+                    ready = self.redactor.feed(data)
+                    if ready:
+                        self.ring.append(ready)
+                    self._arm_redact_flush()
+            except (RingError, OSError) as exc:
+                self._ring_failed(exc)
         self.backlog.append(data)
+
+    def _ring_failed(self, exc: Exception) -> None:
+        # A full or failing disk must not take the live console down with it:
+        # say so once per failure streak and keep serving the attached clients.
+        if not self.ring_error:
+            log.error("ring_write_failed", vm=self.name, error=str(exc))
+            self.audit.event("ring_write_failed", vm=self.name, reason=str(exc), result="failed")
+        self.ring_error = str(exc)
 
     def _arm_redact_flush(self) -> None:
         # Held-back output reaches the ring within FLUSH_AFTER s even without a newline.

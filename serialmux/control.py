@@ -1,4 +1,4 @@
-"""The local control socket ``runtime_dir/control.sock``: the daemon's side and the CLI's.
+"""The local control socket ``runtime_dir/control.sock``: its protocol and the daemon's side.
 
 Protocol: newline-delimited JSON, one request object per line
 (``{"cmd": "who", "vm": "web-01"}``), one reply per request
@@ -13,6 +13,9 @@ checks again with ``SO_PEERCRED``: root, the daemon's own uid and members of
 that group are served, anyone else is refused. Local callers act as owners
 (:func:`serialmux.actions.role_of`), and every request is audited with the
 local user name, uid and pid.
+
+The CLI's side (connect, request, attach, render status) is
+:mod:`serialmux.controlclient`.
 """
 
 from __future__ import annotations
@@ -24,11 +27,8 @@ import json
 import os
 import pwd
 import secrets
-import select
 import socket
 import struct
-import termios
-import tty
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +50,6 @@ ADMIN_GROUP = "serialmux"
 REQUEST_TIMEOUT = 10.0  # for the first line of a connection
 IDLE_TIMEOUT = 300.0  # between later requests on one connection
 MAX_LINE = 64 * 1024
-CLIENT_TIMEOUT = 60.0
 _ACTIONS = {"break": Action.BREAK, "sysrq": Action.SYSRQ, "nmi": Action.NMI,
             "reset": Action.RESET}
 
@@ -411,122 +410,3 @@ def status_report(daemon: Daemon) -> dict[str, Any]:
             "disabled": daemon.disabled_all, "config": str(daemon.config.path),
             "listeners": [f"{h}:{p}" for h, p in daemon.addresses],
             "control": str(socket_path(daemon.config.server.runtime_dir)), "vms": vms}
-
-
-def render_status(report: dict[str, Any]) -> list[str]:
-    """``serialmux status`` for people: one block per VM."""
-    lines = [f"serialmux: {report['summary']} (pid {report['pid']}, since {report['started']})",
-             f"listening: {', '.join(report['listeners'])}; control: {report['control']}"]
-    if report["disabled"]:
-        lines.append(f"disabled: {report['disabled']}")
-    for vm in report["vms"]:
-        state = "up" if vm["up"] else f"down ({vm['down_reason']})"
-        lines.append(f"{vm['name']}: {state} since {vm['state_since']}; {vm['port']}"
-                     f" [{vm['source']}]")
-        ring = vm["ring"]
-        ring_text = (f"ring {ring['used']}/{ring['size']} bytes" if ring else "no ring")
-        lines.append(f"  read {vm['bytes_read']} bytes; {ring_text}")
-        if vm["disabled"]:
-            lines.append(f"  disabled: {vm['disabled']}")
-        for att in ([vm["writer"]] if vm["writer"] else []) + vm["watchers"]:
-            lines.append(f"  {att['mode']:<7} {att['user']} ({att['peer']}) since {att['since']}")
-    return lines
-
-
-# -- the CLI's side ----------------------------------------------------------------------
-
-
-def connect(runtime_dir: Path, timeout: float = CLIENT_TIMEOUT) -> socket.socket:
-    """Connect to the daemon's control socket; ControlError says what to do if impossible."""
-    path = socket_path(runtime_dir)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
-    try:
-        with _short_path(path) as address:
-            sock.connect(address)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        sock.close()
-        raise ControlError(f"no daemon listening on {path}: is serialmux running? "
-                           "(systemctl status serialmux)") from exc
-    except PermissionError as exc:
-        sock.close()
-        raise ControlError(f"permission denied on {path}: run as root or as a member of "
-                           f"the '{ADMIN_GROUP}' group") from exc
-    except OSError as exc:
-        sock.close()
-        raise ControlError(f"cannot connect to {path}: {exc.strerror}") from exc
-    return sock
-
-
-def _read_line(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
-    """Read one reply line; return it and whatever bytes came after it."""
-    buf = b""
-    while b"\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ControlError("the daemon closed the control connection without a reply")
-        buf += chunk
-        if len(buf) > MAX_LINE:
-            raise ControlError("the daemon's reply is too long")
-    line, rest = buf.split(b"\n", 1)
-    reply = json.loads(line)
-    if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "the daemon refused the request")))
-    return reply, rest
-
-
-def request(runtime_dir: Path, payload: dict[str, Any]) -> dict[str, Any]:
-    """Send one request and return the daemon's reply; ControlError if it failed."""
-    with connect(runtime_dir) as sock:
-        try:
-            sock.sendall(json.dumps(payload).encode() + b"\n")
-            return _read_line(sock)[0]
-        except (OSError, ValueError) as exc:
-            raise ControlError(f"control connection failed: {exc}") from exc
-
-
-def attach(runtime_dir: Path, payload: dict[str, Any], stdin_fd: int, stdout_fd: int) -> None:
-    """Attach to a console: the terminal goes raw; returns when the session ends."""
-    interactive = os.isatty(stdin_fd)
-    with connect(runtime_dir) as sock:
-        sock.sendall(json.dumps({**payload, "cmd": "attach",
-                                 "interactive": interactive}).encode() + b"\n")
-        _reply, early = _read_line(sock)
-        sock.settimeout(None)
-        saved = termios.tcgetattr(stdin_fd) if interactive else None
-        try:
-            if interactive:
-                tty.setraw(stdin_fd)
-            _write_all(stdout_fd, early)
-            _pump(sock, stdin_fd, stdout_fd)
-        finally:
-            if saved is not None:
-                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
-
-
-def _pump(sock: socket.socket, stdin_fd: int, stdout_fd: int) -> None:
-    watch: list[Any] = [sock, stdin_fd]
-    while True:
-        readable, _, _ = select.select(watch, [], [])
-        if sock in readable:
-            try:
-                data = sock.recv(65536)
-            except ConnectionError:
-                data = b""
-            if not data:
-                return
-            _write_all(stdout_fd, data)
-        if stdin_fd in readable:
-            data = os.read(stdin_fd, 65536)
-            if data:
-                sock.sendall(data)
-            else:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_WR)
-                watch.remove(stdin_fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

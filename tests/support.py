@@ -69,11 +69,7 @@ class PtyVM:
                             ) -> bytes:
         """Wait until the guest has received *pattern*; return everything so far."""
         assert self._changed is not None
-        async with asyncio.timeout(timeout):
-            while not _found(pattern, self.received):
-                self._changed.clear()
-                await self._changed.wait()
-        return bytes(self.received)
+        return await wait_found(self.received, self._changed, pattern, timeout)
 
     def write(self, data: bytes) -> None:
         """The guest prints *data* (blocking until the PTY takes all of it)."""
@@ -119,6 +115,16 @@ def _found(pattern: bytes | re.Pattern[bytes], data: bytes | bytearray) -> bool:
     if isinstance(pattern, bytes):
         return pattern in data
     return pattern.search(data) is not None
+
+
+async def wait_found(buf: bytearray, changed: asyncio.Event,
+                     pattern: bytes | re.Pattern[bytes], timeout: float) -> bytes:
+    """Wait until *buf* (grown by someone who sets *changed*) holds *pattern*."""
+    async with asyncio.timeout(timeout):
+        while not _found(pattern, buf):
+            changed.clear()
+            await changed.wait()
+    return bytes(buf)
 
 
 @dataclass
@@ -376,11 +382,8 @@ class SocketVM:
 
     async def wait_received(self, pattern: bytes | re.Pattern[bytes], timeout: float = WAIT
                             ) -> bytes:
-        async with asyncio.timeout(timeout):
-            while not _found(pattern, self.received):
-                self._changed.clear()
-                await self._changed.wait()
-        return bytes(self.received)
+        """Wait until the guest has received *pattern*; return everything so far."""
+        return await wait_found(self.received, self._changed, pattern, timeout)
 
     def write(self, data: bytes) -> None:
         assert self._writer is not None

@@ -222,3 +222,30 @@ async def test_unreadable_ring_is_moved_aside_and_daemon_serves(
             assert b"fresh\r\n" in b"".join(
                 r.payload for r in reader.records() if isinstance(r, Record))
         await c.close()
+
+
+async def test_full_disk_under_the_ring_does_not_stop_the_console(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """When ring writes fail (disk full), the live console keeps working and it is audited."""
+    import os
+
+    c = await gw.attach(users["alice"], "web-01+replay=0", subsystem="console")
+    await gw.wait_audit("attach", user="alice")
+    ring = gw.console("web-01").ring
+    full = os.open("/dev/full", os.O_WRONLY)  # every write fails with ENOSPC, as a full disk
+    saved = os.dup(ring._fd)
+    try:
+        os.dup2(full, ring._fd)
+        vm.write(b"while the disk is full\r\n")
+        await c.wait_out(b"while the disk is full\r\n")
+        await gw.wait_audit("ring_write_failed", vm="web-01")
+        c.send(b"typing still works")
+        await vm.wait_received(b"typing still works")
+    finally:
+        os.dup2(saved, ring._fd)
+        os.close(saved)
+        os.close(full)
+    vm.write(b"disk is back\r\n")
+    await c.wait_out(b"disk is back\r\n")
+    assert gw.console("web-01").ring_error is None
+    await c.close()

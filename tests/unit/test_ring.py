@@ -14,7 +14,6 @@ import pytest
 from serialmux.errors import RingCorrupt, RingError
 from serialmux.ring import (
     DEFAULT_RING_SIZE,
-    HEADER_SIZE,
     Record,
     RecordKind,
     RingReader,
@@ -22,6 +21,7 @@ from serialmux.ring import (
     Skipped,
     parse_size,
 )
+from serialmux.ringfile import HEADER_SIZE
 
 SMALL = 64 << 10
 

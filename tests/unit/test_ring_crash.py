@@ -18,14 +18,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from serialmux.errors import RingCorrupt
 from serialmux.ring import (
-    HEADER_SIZE,
-    REC_HEADER,
     Record,
     RecordKind,
     RingReader,
     RingWriter,
     Skipped,
 )
+from serialmux.ringfile import HEADER_SIZE, REC_HEADER
 
 SIZE = 64 << 10
 
