@@ -213,6 +213,11 @@ class Console:
         self.notice(f"{self.name} console is down ({reason}); waiting for it to come back")
         self.on_state_change()
 
+    def port_failed(self, reason: str) -> None:
+        """The port could not be opened: say why to whoever waits for it."""
+        self.down_reason = reason
+        self.notice(f"{self.name} console cannot be opened: {reason}")
+
     # -- attachments ------------------------------------------------------------
 
     @property

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -112,6 +113,7 @@ class Daemon:
 
     async def serve(self) -> None:
         """Run until :meth:`stop` (or SIGTERM/SIGINT); start-up errors raise."""
+        _raise_fd_limit(len(self.config.vms))
         server = self.config.server
         for d in (server.state_dir, self.ring_dir, server.runtime_dir):
             d.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -503,6 +505,27 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in getattr(self, "_signals", []):
             loop.remove_signal_handler(sig)
+
+
+FDS_PER_CONSOLE = 2  # the port and the ring
+FDS_SPARE = 1024  # listeners, sessions, control socket, libraries
+
+
+def _raise_fd_limit(consoles: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; warn when the consoles cannot fit.
+
+    systemd and most shells start services with a soft limit of 1024, which
+    would stop a host at ~500 consoles; the hard limit is the real budget.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    need = consoles * FDS_PER_CONSOLE + FDS_SPARE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning("fd_limit_low", limit=soft, needed=need, consoles=consoles,
+                    hint="raise LimitNOFILE= in the unit (or ulimit -n)")
 
 
 def _fdatasync_all(rings: list[RingWriter]) -> None:

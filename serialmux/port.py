@@ -58,6 +58,9 @@ class PortSink(Protocol):
     def port_down(self, reason: str) -> None:
         """The port was lost; it will be retried."""
 
+    def port_failed(self, reason: str) -> None:
+        """An open attempt failed for a reason different from the last one."""
+
 
 class TelnetDecoder:
     """Strip telnet commands from a byte stream, keeping state across chunks."""
@@ -100,6 +103,56 @@ class TelnetDecoder:
 def telnet_encode(data: bytes) -> bytes:
     """Escape 0xFF as ``IAC IAC`` for a telnet-framed port."""
     return data.replace(b"\xff", b"\xff\xff") if IAC in data else data
+
+
+class _DirectSerial(serial.Serial):  # type: ignore[misc]  # pyserial is untyped
+    """pyserial's POSIX port, read with one ``os.read`` per readiness.
+
+    pyserial's ``read()`` select()s around every read: three syscalls a chunk,
+    and ``select`` cannot take fds >= 1024, so past ~1000 consoles the ports
+    stop being read at all. Its ``open()`` also makes two pipe pairs for
+    ``cancel_read``/``cancel_write``, which serialmux never uses: four fds per
+    console. The event loop already knows the fd is readable, so read once,
+    as much as the port has, and close the pipes.
+    """
+
+    _ABORT_PIPES = ("pipe_abort_read_r", "pipe_abort_read_w", "pipe_abort_write_r",
+                    "pipe_abort_write_w")
+
+    def open(self) -> None:
+        super().open()
+        for name in self._ABORT_PIPES:
+            fd = getattr(self, name, None)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+    def read(self, size: int = 1) -> bytes:
+        try:
+            data = os.read(self.fd, size)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError as exc:
+            raise serial.SerialException(f"read failed: {_describe(exc)}") from exc
+        if not data:
+            raise serial.SerialException("end of file: the other side closed the port")
+        return data
+
+
+def _pty_identity(path: str) -> tuple[int, int] | None:
+    """Identify the PTY now at *path* (a plain /dev/pts/N, not a symlink), else None.
+
+    devpts gives a new inode, with a new ctime, to every PTY it allocates, and
+    reuses the numbers: (rdev, ctime) tells "the same PTY" from "another VM's
+    PTY that got the same number".
+    """
+    if os.path.islink(path):
+        return None  # a symlink is kept up to date by the VM's tooling: follow it
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_rdev, st.st_ctime_ns
 
 
 class _PortProtocol(asyncio.Protocol):
@@ -171,6 +224,7 @@ class VMPort:
         self.tried = asyncio.Event()  # set after the first open attempt, success or not
         self.description = str(self.spec)
         self.last_error: str | None = None
+        self._pty_seen: tuple[int, int] | None = None  # the PTY a pty: path first named
 
     def set_pty_resolver(self, resolve: Callable[[], Awaitable[str | None]]) -> None:
         """Give a ``qmp:`` port the function that asks QEMU for its PTY path."""
@@ -203,7 +257,8 @@ class VMPort:
                 if reason != self.last_error:
                     log.info("port_open_failed", vm=self.vm.name, port=self.description,
                              reason=reason)
-                self.last_error = reason
+                    self.last_error = reason
+                    self.sink.port_failed(reason)
                 self.tried.set()
             else:
                 self.tried.set()
@@ -241,13 +296,23 @@ class VMPort:
                 self.description = f"qmp:{spec.path} ({path})"
             if not os.path.exists(path):
                 raise FileNotFoundError(errno.ENOENT, "no such device", path)
-            transport, _ = await serial_asyncio_fast.create_serial_connection(
-                loop, lambda: protocol, path, baudrate=self.vm.baud, bytesize=8, parity="N",
-                stopbits=1, xonxoff=False, rtscts=False, dsrdtr=False,
-            )
+            identity = _pty_identity(path) if spec.kind is PortKind.PTY else None
+            if self._pty_seen is not None and identity is not None \
+                    and identity != self._pty_seen:
+                raise _NotReady(
+                    f"{path} is now a different PTY (the VM's PTY closed and its number was "
+                    "reused): not attaching another VM's console; use port = \"qmp:serial0\" "
+                    "or a symlink kept by the VM's tooling, or reload with the new path")
+            # Opening a PTY or tty with O_NONBLOCK does not block: no thread hop,
+            # which keeps start-up fast with thousands of consoles.
+            port = _DirectSerial(path, baudrate=self.vm.baud, bytesize=8, parity="N",
+                                 stopbits=1, xonxoff=False, rtscts=False, dsrdtr=False)
+            transport = serial_asyncio_fast.SerialTransport(loop, protocol, port)
             # The transport reads 1 KiB at a time unless told; reads should be as
             # large as the port gives (private attribute, pinned by our tests).
             transport._max_read_size = READ_SIZE
+            if identity is not None:
+                self._pty_seen = identity
         elif spec.kind is PortKind.UNIX:
             await loop.create_unix_connection(lambda: protocol, spec.path)
         elif spec.kind is PortKind.TCP:

@@ -1,0 +1,103 @@
+"""Ports under the conditions of a busy host: reused PTY numbers, high fds, fd budget."""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from serialmux.ring import Record, RecordKind, RingReader
+from tests.support import Gateway, PtyVM, User, gateway
+
+
+async def test_reused_pty_number_is_not_attached(gw: Gateway, users: dict[str, User],
+                                                 vm: PtyVM) -> None:
+    """When a VM's PTY closes and another PTY gets its number, it is not taken as the VM."""
+    c = await gw.attach(users["alice"], "web-01+replay=0")
+    await c.wait_out(b"(writer)")
+    path = vm.slave_path
+    vm.close()
+    await c.wait_out(b"web-01 console is down")
+    others: list[PtyVM] = []
+    try:
+        for _ in range(64):  # the kernel hands out the lowest free number: soon ours
+            other = PtyVM()
+            others.append(other)
+            if other.slave_path == path:
+                break
+        else:
+            pytest.skip(f"the kernel did not reuse {path} within 64 PTYs")
+        other.write(b"another VM's secret\r\n")
+        await c.wait_out(b"is now a different PTY")
+        assert b"another VM's secret" not in c.out
+        assert not gw.console("web-01").up
+        with RingReader(gw.console("web-01").ring.path) as reader:
+            assert not any(b"secret" in r.payload for r in reader.records()
+                           if isinstance(r, Record) and r.kind is RecordKind.OUTPUT)
+    finally:
+        for other in others:
+            other.close()
+        await c.close()
+
+
+@pytest.fixture
+def fds_past_1024() -> Iterator[None]:
+    """Fill the fd table so that every fd opened next is above 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+    filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        yield
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_ports_with_fds_above_1024_are_read(tmp_path: Path, users: dict[str, User],
+                                                  fds_past_1024: None) -> None:
+    """A console whose tty fd is above 1024 (select's limit) reads and writes normally."""
+    vm = PtyVM()
+    vm.start()
+    try:
+        async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                           grants=[(["alice"], ["*"], "owner")]) as g:
+            port_fd = g.console("web-01").port._protocol.transport.serial.fd
+            assert port_fd > 1024
+            c = await g.attach(users["alice"], "web-01+replay=0", subsystem="console")
+            vm.write(b"from a high fd\r\n")
+            await c.wait_out(b"from a high fd\r\n")
+            c.send(b"and back")
+            await vm.wait_received(b"and back")
+            await c.close()
+    finally:
+        vm.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_each_console_costs_two_fds(tmp_path: Path, users: dict[str, User]) -> None:
+    """A console holds its port and its ring open, nothing more (5000 consoles must fit)."""
+    vms = [PtyVM() for _ in range(40)]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
+    try:
+        async with gateway(tmp_path / "one", vms={"vm0": vms[0].port},
+                           users={"alice": users["alice"]},
+                           grants=[(["alice"], ["*"], "owner")]):
+            one = _open_fds()
+        async with gateway(tmp_path / "many", vms={f"vm{i}": v.port for i, v in enumerate(vms)},
+                           users={"alice": users["alice"]},
+                           grants=[(["alice"], ["*"], "owner")]):
+            many = _open_fds()
+        assert many - one <= 2 * (len(vms) - 1)
+    finally:
+        for v in vms:
+            v.close()
