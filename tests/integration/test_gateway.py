@@ -343,3 +343,14 @@ async def test_tcp_port_carries_bytes_both_ways(tmp_path: Path, users: dict[str,
             w.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_missing_host_key_is_created_ed25519_0600(gw: Gateway) -> None:
+    """A host key that does not exist is created: ed25519, readable by its owner only."""
+    path = gw.tmp / "host_key"
+    assert path.stat().st_mode & 0o777 == 0o600
+    key = asyncssh.read_private_key(str(path))
+    assert key.algorithm == b"ssh-ed25519"
+    conn = await gw.connect(gw.users["alice"], "web-01")
+    assert conn.get_server_host_key().public_data == key.public_data
+    conn.close()
