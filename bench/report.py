@@ -205,7 +205,10 @@ def merge(run: Run, path: Path) -> None:
     if not run.ring_out and old.get("ring_out"):
         run.ring_out = old["ring_out"]
         run.carried.add(f"ring from {date}")
-    run.carried.update(old.get("carried", []))
+    # A figure carried over again keeps the date it was measured; one measured
+    # by this run is no longer "carried" (the old list is not simply added on).
+    first = {c.split(" from ")[0]: c for c in old.get("carried", [])}
+    run.carried = {first.get(c.split(" from ")[0], c) for c in run.carried}
     run.scale.sort(key=lambda r: (r["n"], r["peer"]))
 
 

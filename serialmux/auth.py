@@ -11,7 +11,8 @@ callbacks.
   valid, a CA not in ``[ssh] user_ca_keys``, unknown critical options
   (asyncssh's decoder already refuses them), ``force-command`` (serialmux
   chooses commands from the exec request; a forced command would silently
-  change what a session does), principals naming no configured user or more
+  change what a session does), a CA signature made with ``ssh-rsa`` (SHA-1,
+  refused by OpenSSH since 8.2), principals naming no configured user or more
   than one, and anything listed in the revocation file. ``source-address`` is
   implemented.
 * :class:`Revocations` reads ``[ssh] revoked_keys``: a text file of public
@@ -36,13 +37,18 @@ from pathlib import Path
 from typing import cast
 
 import asyncssh
+from asyncssh.packet import PacketDecodeError, SSHPacket
 from asyncssh.public_key import CERT_TYPE_USER, SSHOpenSSHCertificate, decode_ssh_certificate
 
 from .config import SSHSettings, UserConfig
 from .errors import ConfigError
+from .keys import normalise_address
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 CERT_SUFFIX = b"-cert-v01@openssh.com"
+# CA signature algorithms refused like OpenSSH >= 8.2 (CASignatureAlgorithms): SHA-1;
+# b"?" is a signature that could not be parsed.
+WEAK_CERT_SIG_ALGS = frozenset({b"ssh-rsa", b"?"})
 
 # OpenSSH PerSourcePenalties defaults not exposed in [ssh]: a penalty is
 # enforced only once it reaches PENALTY_MIN seconds, and at most
@@ -100,10 +106,14 @@ class Revocations:
     def __init__(self, path: str | None) -> None:
         self.path = Path(path) if path else None
         self._stamp: tuple[int, int] | None = None
+        self._loaded = False
         self.keys: frozenset[bytes] = frozenset()
         self.serials: frozenset[int] = frozenset()
         self.key_ids: frozenset[str] = frozenset()
         self.error: str | None = None
+        # Called (loop thread, from inside a check) when the file is re-read with new
+        # contents after the first load: the daemon then re-checks open connections.
+        self.on_change: Callable[[], None] | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -127,6 +137,9 @@ class Revocations:
             return
         self.error = None
         self._stamp = stamp
+        reread, self._loaded = self._loaded, True
+        if reread and self.on_change is not None:
+            self.on_change()
 
     def check_key(self, public_data: bytes) -> str | None:
         """Why *public_data* is refused, or None."""
@@ -210,6 +223,9 @@ def check_certificate(key_data: bytes, *, cas: Mapping[bytes, str], revoked: Rev
     ca_fp = cas.get(cert.signing_key.public_data)
     if ca_fp is None:
         raise refuse("certificate signed by an untrusted CA")
+    if _signature_algorithm(key_data, cert) in WEAK_CERT_SIG_ALGS:
+        raise refuse("certificate signed with ssh-rsa (SHA-1); re-sign it with rsa-sha2-512 "
+                     "(ssh-keygen -t rsa-sha2-512) or an ed25519 CA")
     now = time.time() if now is None else now
     if now < getattr(cert, "_valid_after", 0):
         raise refuse("certificate not yet valid")
@@ -222,7 +238,7 @@ def check_certificate(key_data: bytes, *, cas: Mapping[bytes, str], revoked: Rev
     sources = cert.options.get("source-address")
     if sources:
         try:
-            ip = ipaddress.ip_address(peer_host)
+            ip = ipaddress.ip_address(normalise_address(peer_host))
         except ValueError:
             raise refuse("source-address: peer address unknown") from None
         if not any(ip in net for net in cast(Iterable[IPNetwork], sources)):
@@ -243,6 +259,22 @@ def check_certificate(key_data: bytes, *, cas: Mapping[bytes, str], revoked: Rev
         raise refuse(f"principals name {len(named)} users; a certificate must name one")
     return CertIdentity(user=named[0], key=cert.key, key_id=key_id, serial=serial,
                         fingerprint=cert.key.get_fingerprint("sha256"), ca_fingerprint=ca_fp)
+
+
+def _signature_algorithm(key_data: bytes, cert: SSHOpenSSHCertificate) -> bytes:
+    """The algorithm of the CA's signature on the certificate blob *key_data*.
+
+    asyncssh verifies the signature while decoding but keeps no record of its
+    algorithm, so the blob is walked again up to the signature.
+    """
+    try:
+        packet = SSHPacket(key_data)
+        packet.get_string()  # certificate type
+        type(cert)._decode(packet, type(cert.key))  # asyncssh has no public parser
+        packet.get_string()  # signing key
+        return SSHPacket(packet.get_string()).get_string()
+    except (PacketDecodeError, asyncssh.KeyImportError, ValueError):
+        return b"?"
 
 
 # ----------------------------------------------------------------------------

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import io
 import shlex
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -44,6 +46,28 @@ commands (ssh -p PORT VM@HOST COMMAND):
   enable                    allow attaching again (owner)
   kick [--user USER]        disconnect the writer, or USER's sessions (owner)
 """
+
+
+# A disable reason is shown to every user refused an attach and written to the
+# ring: printable text only, and short.
+MAX_REASON = 200
+
+# ``logs`` reads rings in threads of its own, never the loop's default executor
+# (reload, BREAK and ring syncs run there). ``logs -f`` holds a thread for as
+# long as it follows, so follows are capped per user and in all, leaving
+# threads for one-shot ``logs``; a one-shot waits for a free thread.
+LOGS_WORKERS = 16
+MAX_FOLLOWS = 12
+MAX_FOLLOWS_PER_USER = 4
+STDIN_CHUNK = 4096
+_logs_executor = ThreadPoolExecutor(max_workers=LOGS_WORKERS, thread_name_prefix="serialmux-logs")
+_follows: collections.Counter[str] = collections.Counter()
+
+
+def clean_text(text: str, limit: int = MAX_REASON) -> str:
+    """*text* made safe to show on someone else's terminal: control characters escaped, cut."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return out if len(out) <= limit else out[:limit - 1] + "…"
 
 
 class UsageError(SerialmuxError):
@@ -158,7 +182,7 @@ async def _status(daemon: Daemon, process: Any, out: _Out, console: Console,
     state = "up" if console.up else f"down ({console.down_reason})"
     out.line(f"console: {state} since {console.state_since}")
     if console.disabled:
-        out.line(f"disabled: {console.disabled}")
+        out.line(f"disabled: {clean_text(console.disabled, 2 * MAX_REASON)}")
     if console.hypervisor is None:
         out.line("vm: unknown (no qmp configured: NMI and reset are not available)")
         return 0
@@ -205,9 +229,29 @@ async def _disable(daemon: Daemon, process: Any, out: _Out, console: Console,
     ns = p.parse_args(args)
     if not allowed(role, Action.DISABLE):
         raise SerialmuxError("disable needs the owner role")
-    out.line(daemon.set_disabled(None if ns.all else console.name, ns.reason or "no reason given",
+    reason: str = ns.reason
+    if len(reason) > MAX_REASON or not reason.isprintable():
+        raise UsageError(f"disable: --reason must be printable text of at most {MAX_REASON} "
+                         "characters (no control characters or newlines)")
+    if ns.all:
+        _check_owner_of_all(daemon, identity, "disable")
+    out.line(daemon.set_disabled(None if ns.all else console.name, reason or "no reason given",
                                  identity))
     return 0
+
+
+def _check_owner_of_all(daemon: Daemon, identity: Identity, command: str) -> None:
+    """Refuse ``--all`` unless *identity* is owner of every VM the gateway knows."""
+    names = set(daemon.config.vms) | set(daemon.consoles)
+    lacking = sorted(n for n in names if daemon.config.role_for(identity.user, n) is not Role.OWNER)
+    if lacking:
+        daemon.audit.event("refused", user=identity.user, session=identity.session_id,
+                           peer=identity.peer, command=command, vm="*",
+                           reason="--all needs the owner role on every VM")
+        raise SerialmuxError(
+            f"{command} --all needs the owner role on every VM, and you are not owner of "
+            f"{len(lacking)} of them; {command} each VM you own instead, or ask an "
+            "administrator (serialmux CLI on the host)")
 
 
 @_command("enable")
@@ -218,6 +262,8 @@ async def _enable(daemon: Daemon, process: Any, out: _Out, console: Console, ide
     ns = p.parse_args(args)
     if not allowed(role, Action.DISABLE):
         raise SerialmuxError("enable needs the owner role")
+    if ns.all:
+        _check_owner_of_all(daemon, identity, "enable")
     out.line(daemon.set_enabled(None if ns.all else console.name, identity))
     return 0
 
@@ -246,6 +292,28 @@ async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, ident
             since = parse_since(ns.since, datetime.now(UTC))
         except ValueError as exc:
             raise UsageError(f"logs: --since: {exc}") from None
+    user = identity.user
+    if ns.follow:
+        if _follows[user] >= MAX_FOLLOWS_PER_USER or sum(_follows.values()) >= MAX_FOLLOWS:
+            daemon.audit.event("refused", vm=console.name, user=user,
+                               session=identity.session_id, peer=identity.peer, command="logs",
+                               reason="too many logs -f")
+            raise SerialmuxError(
+                f"logs -f: too many follows open (at most {MAX_FOLLOWS_PER_USER} per user, "
+                f"{MAX_FOLLOWS} in all); close one, or use logs without -f")
+        _follows[user] += 1
+    try:
+        return await _run_logs(process, console, ns, since)
+    finally:
+        if ns.follow:
+            _follows[user] -= 1
+            if _follows[user] <= 0:
+                del _follows[user]
+
+
+async def _run_logs(process: Any, console: Console, ns: argparse.Namespace,
+                    since: datetime | None) -> int:
+    assert console.ring is not None
     loop = asyncio.get_running_loop()
     stop = threading.Event()
     channel = _ChannelFile(process, loop)
@@ -260,8 +328,8 @@ async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, ident
             follow_logs(path, sink, cursor, timestamps=ns.timestamps, as_json=ns.json,
                              raw=ns.raw, stop=stop)
 
-    reader = asyncio.ensure_future(asyncio.to_thread(work))
-    closed = asyncio.ensure_future(process.stdin.read())  # EOF or close ends a follow
+    reader = asyncio.ensure_future(loop.run_in_executor(_logs_executor, work))
+    closed = asyncio.ensure_future(_wait_eof(process))  # EOF or close ends a follow
     try:
         await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -271,6 +339,16 @@ async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, ident
         with contextlib.suppress(asyncio.CancelledError, BrokenPipeError):
             await reader
     return 0
+
+
+async def _wait_eof(process: Any) -> None:
+    """Return at EOF on *process*'s stdin, discarding what is sent (bounded reads)."""
+    while True:
+        try:
+            if not await process.stdin.read(STDIN_CHUNK):
+                return
+        except (asyncssh.BreakReceived, asyncssh.TerminalSizeChanged, asyncssh.SignalReceived):
+            continue
 
 
 class _ChannelFile(io.RawIOBase):

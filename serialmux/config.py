@@ -166,7 +166,7 @@ _SERVER_KEYS = {"listen", "host_keys", "state_dir", "runtime_dir", "enabled", "s
                 "audit_file", "redact"}
 _SSH_KEYS = {"login_timeout", "max_auth_tries", "max_startups", "penalty_authfail", "penalty_max",
              "keepalive_interval", "keepalive_count_max", "user_ca_keys", "revoked_keys",
-             "per_source_max_startups"}
+             "per_source_max_startups", "max_sessions"}
 _VM_KEYS = {"port", "baud", "qmp", "ring_size", "on_detach", "idle_timeout", "enabled", "redact"}
 _DEFAULT_KEYS = {"ring_size", "baud", "on_detach", "idle_timeout"}
 _USER_KEYS = {"keys", "authorized_keys", "groups"}
@@ -357,7 +357,7 @@ def _load_ssh(ld: _Loader, t: Mapping[str, Any], base: Path) -> SSHSettings:
             ld.error(f"ssh.{name}", "must not be negative")
         nums[name] = float(value)
     ints: dict[str, int] = {}
-    for name in ("max_auth_tries", "keepalive_count_max"):
+    for name in ("max_auth_tries", "keepalive_count_max", "max_sessions"):
         value = ld.typed(t, "ssh", name, int, getattr(d, name))
         if value < 1:
             ld.error(f"ssh.{name}", "must be at least 1")
@@ -375,6 +375,7 @@ def _load_ssh(ld: _Loader, t: Mapping[str, Any], base: Path) -> SSHSettings:
         login_timeout=nums["login_timeout"], penalty_authfail=nums["penalty_authfail"],
         penalty_max=nums["penalty_max"], keepalive_interval=nums["keepalive_interval"],
         max_auth_tries=ints["max_auth_tries"], keepalive_count_max=ints["keepalive_count_max"],
+        max_sessions=ints["max_sessions"],
     )
 
 

@@ -190,6 +190,7 @@ class SSHSettings:
     user_ca_keys: tuple[str, ...] = ()
     revoked_keys: str | None = None
     per_source_max_startups: int | None = None  # sshd PerSourceMaxStartups (default none)
+    max_sessions: int = 10  # sshd MaxSessions: session channels open per connection
 
 
 @dataclass(frozen=True, slots=True)

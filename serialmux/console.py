@@ -43,23 +43,45 @@ BACKLOG_SIZE = 256 * 1024
 class Backlog:
     """The most recent output of a console, addressed by absolute byte offset."""
 
-    def __init__(self, capacity: int = BACKLOG_SIZE) -> None:
+    def __init__(self, capacity: int = BACKLOG_SIZE, *, hold: bool = True) -> None:
         # An anonymous mapping, not a bytearray: it goes back to the OS when the
         # console does, where freed 256 KiB heap blocks would raise glibc's mmap
         # threshold and fragment the heap as discovered VMs come and go.
-        self._buf = mmap.mmap(-1, capacity)
+        self._buf: mmap.mmap | None = None
         self._cap = capacity
         self.end = 0  # offset just past the newest byte
-        self._waiter: asyncio.Future[None] | None = None
+        self._held_from = 0  # bytes before this offset were only counted, not kept
+        self._waiters: list[asyncio.Future[None]] = []
+        self.hold(hold)
+
+    def hold(self, on: bool) -> None:
+        """Keep bytes (someone is attached) or only count them (nobody can read them).
+
+        Sessions start reading at ``end`` when they attach, so the bytes of a
+        console nobody watches are never read from here (replay comes from the
+        ring). Not keeping them keeps 5000 quiet consoles from holding
+        5000 x 256 KiB of touched pages.
+        """
+        if on and self._buf is None:
+            self._buf = mmap.mmap(-1, self._cap)
+            self._held_from = self.end
+        elif not on and self._buf is not None:
+            self._buf.close()
+            self._buf = None
 
     @property
     def start(self) -> int:
         """The oldest offset still held."""
-        return max(0, self.end - self._cap)
+        return max(self._held_from, self.end - self._cap)
 
     def append(self, data: bytes) -> None:
         """Copy *data* into place and wake readers waiting for it."""
         n = len(data)
+        if self._buf is None:  # nobody attached: count, keep nothing
+            self.end += n
+            self._held_from = self.end
+            self._wake()
+            return
         if n > self._cap:  # only the newest capacity bytes can be kept
             self.end += n - self._cap
             data, n = data[-self._cap:], self._cap
@@ -69,11 +91,14 @@ class Backlog:
         if first < n:
             self._buf[: n - first] = data[first:]
         self.end += n
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def read(self, offset: int, limit: int) -> tuple[int, bytes, int]:
         """Return ``(skipped, data, new_offset)`` for a reader at *offset*."""
@@ -82,21 +107,31 @@ class Backlog:
         if offset < start:
             skipped, offset = start - offset, start
         n = min(limit, self.end - offset)
-        if n <= 0:
+        if n <= 0 or self._buf is None:
             return skipped, b"", offset
         pos = offset % self._cap
         first = min(n, self._cap - pos)
-        data = bytes(self._buf[pos:pos + first])
+        data = self._buf[pos:pos + first]  # slicing an mmap copies once, into bytes
         if first < n:
             data += self._buf[: n - first]
         return skipped, data, offset + n
 
     async def wait_beyond(self, offset: int) -> None:
-        """Return once there is data past *offset* (one shared future for all readers)."""
+        """Return once there is data past *offset* (a future per waiting reader).
+
+        Each reader awaits its own future, not a shared one through
+        ``asyncio.shield``: shield adds two loop turns to every wakeup, which is
+        every keystroke's echo.
+        """
         while self.end <= offset:
-            if self._waiter is None or self._waiter.done():
-                self._waiter = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._waiter)
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():  # cancelled: do not leave it for append to find
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
 
 
 @dataclass(eq=False)
@@ -131,7 +166,7 @@ class Console:
         self.name = vm.name
         self.audit = audit
         self.ring = ring
-        self.backlog = Backlog()
+        self.backlog = Backlog(hold=False)  # held while someone is attached
         self.port = VMPort(vm, self)
         self.up = False
         self.state_since = utc_now()
@@ -233,6 +268,7 @@ class Console:
         """
         if not att.writer:
             self.watchers.add(att)
+            self.backlog.hold(True)
             self._marker("ATTACH", f"{att.identity.user} attached read-only",
                          user=att.identity.user)
             return
@@ -243,6 +279,7 @@ class Console:
                 f"{old.identity.peer_host} since {old.since_text}; not taking over (+safe)",
                 user=att.identity.user, vm=self.name)
         self.writer = att
+        self.backlog.hold(True)
         if old is None:
             self._marker("ATTACH", f"{att.identity.user} attached", user=att.identity.user)
             return
@@ -268,17 +305,40 @@ class Console:
             self.watchers.discard(att)
             self._marker("DETACH", f"{att.identity.user} detached ({reason})",
                          user=att.identity.user)
+        if self.writer is None and not self.watchers:
+            self.backlog.hold(False)
 
     def _writer_left(self, att: Attachment, reason: str) -> None:
         data = self.vm.on_detach
         if not data:
             return
-        self._marker("ACTION", f"on_detach sent after {att.identity.user} left ({reason})",
-                     user=att.identity.user, action="on_detach")
-        self.audit.event("on_detach", vm=self.name, user=att.identity.user,
-                         session=att.identity.session_id, reason=reason, result="ok")
-        if self._tasks is not None:
-            self._tasks.create_task(self.port.write(data))
+        if self._tasks is None:  # between a reload's stop and restart of the port
+            self._on_detach_done(att, reason, "the console is restarting")
+            return
+        self._tasks.create_task(self._send_on_detach(att, reason, data))
+
+    async def _send_on_detach(self, att: Attachment, reason: str, data: bytes) -> None:
+        try:
+            sent = await self.port.write(data)
+        except BaseException:
+            self._on_detach_done(att, reason, "the console was stopped")
+            raise
+        self._on_detach_done(att, reason, None if sent else
+                             f"the console is down ({self.down_reason or 'not open'})")
+
+    def _on_detach_done(self, att: Attachment, reason: str, failure: str | None) -> None:
+        """Mark and audit on_detach as sent ("ok") only once the port took the bytes."""
+        user = att.identity.user
+        if failure is None:
+            self._marker("ACTION", f"on_detach sent after {user} left ({reason})",
+                         user=user, action="on_detach")
+            self.audit.event("on_detach", vm=self.name, user=user,
+                             session=att.identity.session_id, reason=reason, result="ok")
+            return
+        self._marker("ACTION", f"on_detach NOT sent after {user} left ({reason}): {failure}",
+                     user=user, action="on_detach")
+        self.audit.event("on_detach", vm=self.name, user=user, session=att.identity.session_id,
+                         reason=f"{reason}; not sent: {failure}", result="failed")
 
     def notice(self, text: str) -> None:
         """Tell every attached session a one-line notice, in order with output."""

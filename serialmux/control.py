@@ -10,7 +10,11 @@ also usable as an OpenSSH ``ForceCommand``).
 Who may connect: the socket is mode 0660, group ``serialmux`` when that group
 exists (else the daemon's group), in a 0750 runtime directory. The daemon
 checks again with ``SO_PEERCRED``: root, the daemon's own uid and members of
-that group are served, anyone else is refused. Local callers act as owners
+that group are served, anyone else is refused. The daemon's own process is
+refused too: it never calls itself, so such a connection can only be a console
+port (``unix:`` or a discovered ``NAME.serial``) pointed at this socket, which
+would hand whoever may type on that console the owner role on every VM.
+Local callers act as owners
 (:func:`serialmux.actions.role_of`), and every request is audited with the
 local user name, uid and pid.
 
@@ -104,8 +108,15 @@ def admin_gid() -> int:
         return os.getgid()
 
 
+def is_self(peer: Peer) -> bool:
+    """Whether the peer is this very process (a console port pointed at the socket)."""
+    return peer.pid == os.getpid()
+
+
 def may_control(peer: Peer, gid: int) -> bool:
-    """Root, the daemon's own uid, and members of group *gid* may use the socket."""
+    """Root, the daemon's own uid, and members of group *gid* may; this process never."""
+    if is_self(peer):
+        return False
     if peer.uid in (0, os.geteuid()) or peer.gid == gid:
         return True
     try:
@@ -186,6 +197,18 @@ class ControlServer:
         try:
             peer = peer_of(conn)
             reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_LINE)
+            if is_self(peer):  # refused at once: the "client" is one of our own ports
+                log.warning("control_self_connection", pid=peer.pid,
+                            hint="a console port points at the control socket")
+                self.daemon.audit.event("control", user=peer.user, uid=peer.uid,
+                                        pid=peer.pid, result="refused",
+                                        reason="the daemon's own process: a console port "
+                                        "points at the control socket")
+                _send(writer, {"ok": False, "error": "permission denied: the daemon does not "
+                               "serve its own process (a console port points at the "
+                               "control socket)"})
+                await writer.drain()
+                return
             allowed = may_control(peer, self.gid)
             timeout = REQUEST_TIMEOUT
             while True:

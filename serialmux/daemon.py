@@ -25,13 +25,23 @@ import asyncssh
 from . import session as session_mod
 from .access import Identity
 from .auth import Gate, Revocations, load_cas
+from .commands import MAX_REASON, clean_text
 from .config import Config, VMConfig
+from .connections import Connections
 from .console import Console
 from .errors import SerialmuxError
 from .log import Audit, get_logger, utc_now
 from .mfa import TotpStore
 from .port import VMPort
-from .ring import SYNC_INTERVAL, RecordKind, RingReader, RingWriter, Skipped
+from .ring import (
+    SYNC_INTERVAL,
+    SYNCFS_FROM,
+    RecordKind,
+    RingReader,
+    RingWriter,
+    Skipped,
+    fdatasync_all,
+)
 from .sdnotify import Notifier
 from .sshd import start_listeners
 
@@ -72,7 +82,9 @@ class Daemon:
         # Authentication policy (serialmux.auth, serialmux.mfa): owned here, used by sshd/session.
         self.gate = Gate(config.ssh)
         self.user_cas = load_cas(config.ssh.user_ca_keys)
-        self.revoked = Revocations(config.ssh.revoked_keys)
+        self.revoked = self.watch_revocations(Revocations(config.ssh.revoked_keys))
+        # Every SSH connection and exec command, re-checked on reload (serialmux.connections).
+        self.connections = Connections(self)
         self.totp = TotpStore(config.server.state_dir)
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -103,6 +115,21 @@ class Daemon:
     def stop(self) -> None:
         """Begin the ordered shutdown (signal handlers and tests call this)."""
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether shutdown has begun: new sessions and commands are refused."""
+        return self._stop.is_set()
+
+    def watch_revocations(self, revoked: Revocations) -> Revocations:
+        """Re-check every connection whenever *revoked*'s file is re-read with new contents."""
+        def changed() -> None:
+            # Called from inside a check (an auth callback): re-check after it, not within it.
+            asyncio.get_running_loop().call_soon(
+                self.connections.recheck, "revocation list changed")
+
+        revoked.on_change = changed
+        return revoked
 
     @property
     def ssh_port(self) -> int:
@@ -178,8 +205,10 @@ class Daemon:
 
     def status_changed(self) -> None:
         """Send systemd the one-line summary if it changed (attach, detach, port, reload)."""
+        if not self._ready.is_set() or self._stop.is_set():
+            return  # summary() is O(consoles): once per port opened at start was O(N^2)
         text = self.summary()
-        if self._ready.is_set() and not self._stop.is_set() and text != self._last_status:
+        if text != self._last_status:
             self._last_status = text
             self.notifier.status(text)
 
@@ -192,9 +221,15 @@ class Daemon:
             acceptor.close()
         for console in self.consoles.values():
             console.close_all("serialmux is shutting down")
+        self.connections.end_commands("serialmux is shutting down")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SHUTDOWN_GRACE):
                 await self._no_sessions.wait()
+        # SSHAcceptor.close() only stops listening: end the connections themselves, or an
+        # idle one could open sessions while the daemon stops (and after it has).
+        self.connections.close_all("serialmux is shutting down")
+        if not await self.connections.wait_none_left(SHUTDOWN_GRACE):
+            log.warning("connections_left_open", count=len(self.connections.servers))
         for acceptor in self.acceptors:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SHUTDOWN_GRACE):
@@ -316,7 +351,10 @@ class Daemon:
     def _open_ring(self, vm: VMConfig) -> RingWriter | None:
         path = self.ring_path(vm.name)
         try:
-            ring = RingWriter.open(path, vm.ring_size)
+            # Thousands of new rings at start: the first sync round's syncfs makes
+            # them durable within SYNC_INTERVAL, instead of 2 fsyncs each now.
+            ring = RingWriter.open(path, vm.ring_size,
+                                   sync_create=len(self.config.vms) < SYNCFS_FROM)
         except (SerialmuxError, OSError) as exc:
             log.error("ring_unusable", vm=vm.name, path=str(path), error=str(exc))
             return None
@@ -350,21 +388,25 @@ class Daemon:
                     ring.checkpoint()
                     dirty.append(ring)
             if dirty:
-                await asyncio.to_thread(_fdatasync_all, dirty)
+                await asyncio.to_thread(fdatasync_all, dirty)
 
     # -- replay --------------------------------------------------------------------
 
-    def replay_start(self, console: Console, lines: int) -> tuple[int, int, int] | None:
-        """Fix the replay window at attach time: (first seq, byte offset in it, end seq).
+    def replay_start(self, console: Console, lines: int,
+                     until: int | None = None) -> tuple[int, int, int] | None:
+        """The replay window ending at *until*: (first seq, byte offset in it, end seq).
 
-        Called in the same loop step as the session takes its live cursor, so
-        replay and live output meet exactly: nothing lost, nothing twice.
+        The session takes *until* (the ring's ``next_seq``) in the same loop
+        step as its live cursor, so replay and live output meet exactly:
+        nothing lost, nothing twice. Finding the start reads the ring backwards
+        (long on a big ring without newlines), so this runs in a worker thread.
         """
-        if console.ring is None:
+        ring = console.ring
+        if ring is None:
             return None
-        until = console.ring.next_seq
+        until = ring.next_seq if until is None else until
         try:
-            with RingReader(console.ring.path) as reader:
+            with RingReader(ring.path) as reader:
                 seq, offset = reader.tail_position(lines, until_seq=until)
         except (SerialmuxError, OSError) as exc:
             log.warning("replay_unavailable", vm=console.name, error=str(exc))
@@ -426,13 +468,16 @@ class Daemon:
     def refusal(self, console: Console) -> str | None:
         """Why attaching to *console* is refused now, or None."""
         if self.disabled_all:
-            return f"serialmux is disabled for all VMs: {self.disabled_all}"
+            return ("serialmux is disabled for all VMs: "
+                    f"{clean_text(self.disabled_all, 2 * MAX_REASON)}")
         if console.disabled:
-            return f"console {console.name} is disabled: {console.disabled}"
+            return (f"console {console.name} is disabled: "
+                    f"{clean_text(console.disabled, 2 * MAX_REASON)}")
         return None
 
     def set_disabled(self, vm: str | None, reason: str, who: Identity) -> str:
         """Disable one VM (or all), persist it, and close the sessions attached."""
+        reason = clean_text(reason)  # shown to every user refused, and in the ring
         text = f"{reason} (by {who.user} at {utc_now()})"
         targets = list(self.consoles.values()) if vm is None else [self.consoles[vm]]
         if vm is None:
@@ -526,12 +571,6 @@ def _raise_fd_limit(consoles: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < need:
         log.warning("fd_limit_low", limit=soft, needed=need, consoles=consoles,
                     hint="raise LimitNOFILE= in the unit (or ulimit -n)")
-
-
-def _fdatasync_all(rings: list[RingWriter]) -> None:
-    for ring in rings:
-        with contextlib.suppress(OSError, ValueError):
-            ring.fdatasync()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -11,6 +11,18 @@ files of each dirty name and adds, reopens or removes that one console, under
 ``daemon.changes`` so it never interleaves with a reload. Names are checked
 with :func:`~serialmux.config.check_name` before they touch a path or a log
 line. A static ``[vms.NAME]`` entry always wins over a discovered one.
+
+Trust: a discovered console is reachable by everyone granted its name, so
+only root and the daemon's user may say what it connects to. The directory
+must be owned by root or the daemon's uid and not writable by others (writable
+by its group only when that group is root's, the daemon's or the admin group,
+whose members own every VM anyway). Each entry is examined with ``lstat``: the
+socket, device node or symlink itself must be owned by root or the daemon's
+uid (a symlink's target, e.g. ``/dev/pts/N``, may belong to anyone). A
+symlink's resolved target must not lie in the daemon's ``runtime_dir`` or
+``state_dir``, and no entry may be the control socket itself (by inode, which
+also catches hard links and ``/proc`` paths). Entries that fail are refused,
+logged and audited (``vm_refused``) with the reason, and are not consoles.
 """
 
 from __future__ import annotations
@@ -19,12 +31,14 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import pwd
 import stat
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import DiscoveryConfig, PortKind, PortSpec, VMConfig, check_name
+from .control import admin_gid, socket_path
 from .errors import SerialmuxError
 from .log import get_logger
 
@@ -124,6 +138,11 @@ class Discovery:
             raise SerialmuxError(
                 f"discovery: cannot watch {self.dir}: {exc.strerror}; create it, or fix "
                 "[discovery] dir") from exc
+        problem = self.dir_problem()
+        if problem is not None:
+            log.warning("discovery_dir_untrusted", dir=str(self.dir), reason=problem,
+                        hint="chown root or the daemon's user, chmod o-w; no VM is "
+                        "discovered until then")
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._inotify.fd, self._readable)
         for name in sorted(self._names_present()):
@@ -165,6 +184,8 @@ class Discovery:
                 if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
                     log.warning("discovery_dir_gone", dir=str(self.dir))
                 self._rescan = True
+            elif mask & IN_ATTRIB and not filename:  # the directory's owner or mode changed
+                self._rescan = True
             name = _vm_name(filename)
             if name is not None:
                 self._dirty.add(name)
@@ -184,15 +205,29 @@ class Discovery:
         """The console *name*'s files ask for now, or None (no ``.serial``, or not usable)."""
         serial = self.dir / f"{name}{SERIAL_SUFFIX}"
         try:
+            lst = os.lstat(serial)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("discovery_unusable", vm=name, path=str(serial), error=exc.strerror)
+            return None
+        problem = self.dir_problem() or self._entry_problem(serial, lst)
+        if problem is not None:
+            self._refuse(name, serial, problem)
+            return None
+        try:
             st = os.stat(serial)
         except FileNotFoundError:
-            if not os.path.islink(serial):
-                return None
+            if not stat.S_ISLNK(lst.st_mode):
+                return None  # removed between the two looks; its own event follows
             kind = PortKind.PTY  # a dangling link: the VM's PTY is gone; keep the console down
         except OSError as exc:
             log.warning("discovery_unusable", vm=name, path=str(serial), error=exc.strerror)
             return None
         else:
+            if self._is_control_socket(st):
+                self._refuse(name, serial, "it is the daemon's own control socket")
+                return None
             if stat.S_ISSOCK(st.st_mode):
                 kind = PortKind.UNIX
             elif stat.S_ISCHR(st.st_mode):
@@ -203,9 +238,76 @@ class Discovery:
                             error="not a socket, PTY or tty")
                 return None
         qmp_path = self.dir / f"{name}{QMP_SUFFIX}"
-        qmp = f"unix:{qmp_path}" if _is_socket(qmp_path) else None
+        qmp = f"unix:{qmp_path}" if self._qmp_usable(name, qmp_path) else None
         return VMConfig(name=name, port=PortSpec(kind, path=str(serial)), baud=self.config.baud,
                         qmp=qmp, ring_size=self.config.ring_size)
+
+    # -- trust ------------------------------------------------------------------------
+
+    def dir_problem(self) -> str | None:
+        """Why the directory itself may not be trusted, or None if it may."""
+        try:
+            st = os.stat(self.dir)
+        except OSError as exc:
+            return f"the discovery directory {self.dir} cannot be examined: {exc.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{self.dir} is not a directory"
+        if st.st_uid not in _trusted_uids():
+            return (f"the discovery directory {self.dir} is owned by {_user(st.st_uid)}, "
+                    "not root or the daemon's user")
+        if st.st_mode & stat.S_IWOTH:
+            return f"the discovery directory {self.dir} is writable by others"
+        if st.st_mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid(), admin_gid()):
+            return (f"the discovery directory {self.dir} is writable by group {st.st_gid}, "
+                    "which is not root's, the daemon's or the admin group")
+        return None
+
+    def _entry_problem(self, path: Path, lst: os.stat_result) -> str | None:
+        """Why the entry *path* (its ``lstat`` is *lst*) may not be trusted, or None."""
+        if lst.st_uid not in _trusted_uids():
+            what = "symlink" if stat.S_ISLNK(lst.st_mode) else "entry"
+            return f"the {what} is owned by {_user(lst.st_uid)}, not root or the daemon's user"
+        if stat.S_ISLNK(lst.st_mode):
+            target = Path(os.path.realpath(path))
+            server = self.daemon.config.server
+            for label, where in (("runtime_dir", server.runtime_dir),
+                                 ("state_dir", server.state_dir)):
+                if target.is_relative_to(os.path.realpath(where)):
+                    return f"it links to {target}, inside the daemon's {label}"
+        return None
+
+    def _is_control_socket(self, st: os.stat_result) -> bool:
+        """Whether *st* (an entry, links followed) is the daemon's control socket."""
+        with contextlib.suppress(OSError):
+            ctl = os.stat(socket_path(self.daemon.config.server.runtime_dir))
+            return (st.st_dev, st.st_ino) == (ctl.st_dev, ctl.st_ino)
+        return False
+
+    def _qmp_usable(self, name: str, path: Path) -> bool:
+        """Whether NAME.qmp is a trusted socket (refused, logged and audited if present but not)."""
+        try:
+            lst = os.lstat(path)
+        except OSError:
+            return False
+        problem = self._entry_problem(path, lst)
+        if problem is None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return False  # a dangling link: no QMP for now
+            if not stat.S_ISSOCK(st.st_mode):
+                return False
+            if self._is_control_socket(st):
+                problem = "it is the daemon's own control socket"
+        if problem is not None:
+            self._refuse(name, path, problem)
+            return False
+        return True
+
+    def _refuse(self, name: str, path: Path, reason: str) -> None:
+        log.warning("discovery_refused", vm=name, path=str(path), reason=reason)
+        self.daemon.audit.event("vm_refused", vm=name, source="discovery", path=str(path),
+                                reason=reason, result="refused")
 
     async def _sync(self, name: str) -> None:
         daemon = self.daemon
@@ -244,7 +346,12 @@ def _vm_name(filename: str) -> str | None:
     return None
 
 
-def _is_socket(path: Path) -> bool:
-    with contextlib.suppress(OSError):
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    return False
+def _trusted_uids() -> tuple[int, int]:
+    return (0, os.geteuid())
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"

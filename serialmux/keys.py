@@ -41,6 +41,7 @@ class AuthorizedKey:
         """Return whether a connection from *address* may use this key (``from=``)."""
         if not self.from_patterns:
             return True
+        address = normalise_address(address)
         allowed = False
         for pattern in self.from_patterns:
             negate = pattern.startswith("!")
@@ -50,6 +51,21 @@ class AuthorizedKey:
                     return False
                 allowed = True
         return allowed
+
+
+def normalise_address(address: str) -> str:
+    """*address* with an IPv4-mapped IPv6 form (``::ffff:10.0.0.1``) written as IPv4.
+
+    A dual-stack listener reports IPv4 clients that way; ``from=`` and
+    ``source-address`` patterns name them as IPv4.
+    """
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 def _address_matches(address: str, pattern: str) -> bool:
@@ -118,8 +134,14 @@ def _parse_line(line: str) -> AuthorizedKey:
     for option in options:
         name, _, value = option.partition("=")
         name = name.lower()
-        if name == "from" and value:
-            from_patterns.extend(p for p in value.strip('"').split(",") if p)
+        if name == "from":
+            patterns = value.strip('"').split(",")
+            if not value or any(not p.strip() or p.strip() == "!" for p in patterns):
+                # from="" or from="a,," would match nothing, or (as parsed before) anything.
+                raise KeyParseError(
+                    'from= needs a non-empty list of address patterns, e.g. '
+                    'from="10.0.0.0/8,!10.0.0.1"; an empty pattern is refused')
+            from_patterns.extend(p.strip() for p in patterns)
         else:
             raise KeyParseError(
                 f"option {name!r} is not supported by serialmux (supported: "

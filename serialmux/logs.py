@@ -56,7 +56,10 @@ def parse_since(text: str, now: datetime) -> datetime:
     if match:
         unit = match.group(2).lower()
         unit = "m" if unit.startswith("m") else unit[0]
-        return now - timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[unit])
+        try:
+            return now - timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[unit])
+        except OverflowError:  # also for an infinite float: "1e999 days ago" in digits
+            raise ValueError(f"--since {text!r}: too far back (before the year 1)") from None
     match = _CLOCK_RE.match(text)
     if match:
         hour, minute, second = int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)

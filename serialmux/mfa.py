@@ -11,15 +11,25 @@ Secrets live in ``state_dir/totp/USER`` (base32, one line), the directory
 anyone else is refused, as sshd refuses a loose ``authorized_keys``. A code is
 accepted once: the time step last used per user is remembered (in memory), so
 a code seen over someone's shoulder cannot be replayed in the same 30 s.
+
+Guessing is throttled (:class:`Throttle`): wrong codes are counted per user
+and per source address, across channels and connections; past
+``FREE_FAILURES`` the user (or source) is refused for ``LOCKOUT_FIRST``
+seconds, doubling with each further wrong code up to ``LOCKOUT_MAX``. Only one
+prompt per user is open at a time, so parallel channels do not multiply the
+tries.
+
 Enrolment: ``serialmux totp-enroll USER`` (see docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyotp
@@ -30,6 +40,73 @@ from .config import check_name
 MAX_TRIES = 3
 CODE_TIMEOUT = 60.0  # seconds to type a code
 ISSUER = "serialmux"
+FREE_FAILURES = 3  # wrong codes (per user, per source) before the first lockout
+LOCKOUT_FIRST = 30.0  # seconds; doubles with each further wrong code
+LOCKOUT_MAX = 900.0
+MAX_TRACKED = 65536  # users + sources remembered; then the stale ones are dropped
+
+
+@dataclass(slots=True)
+class _Failures:
+    count: int = 0
+    until: float = 0.0  # refused before this time
+    last: float = 0.0
+
+
+class Throttle:
+    """Count wrong codes per user and per source; refuse while one of them is locked out.
+
+    Plain synchronous code with an injectable clock, so it is tested without a loop.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._failures: dict[str, _Failures] = {}
+        self._prompting: set[str] = set()
+
+    def locked(self, user: str, source: str) -> float:
+        """Seconds *user* (or *source*) must still wait before a code is asked; 0 if none."""
+        now = self._clock()
+        left = 0.0
+        for key in (f"user:{user}", f"source:{source}"):
+            entry = self._failures.get(key)
+            if entry is not None:
+                if entry.until <= now and now - entry.last > LOCKOUT_MAX:
+                    del self._failures[key]  # forgiven after a quiet LOCKOUT_MAX
+                else:
+                    left = max(left, entry.until - now)
+        return left
+
+    def failed(self, user: str, source: str) -> None:
+        """Count one wrong code against *user* and *source*."""
+        now = self._clock()
+        if len(self._failures) >= MAX_TRACKED:
+            for key in [k for k, e in self._failures.items()
+                        if e.until <= now and now - e.last > LOCKOUT_MAX]:
+                del self._failures[key]
+        for key in (f"user:{user}", f"source:{source}"):
+            entry = self._failures.setdefault(key, _Failures())
+            entry.count += 1
+            entry.last = now
+            if entry.count >= FREE_FAILURES:
+                lock = LOCKOUT_FIRST * 2 ** min(entry.count - FREE_FAILURES, 16)
+                entry.until = now + min(lock, LOCKOUT_MAX)
+
+    def succeeded(self, user: str) -> None:
+        """A right code: *user*'s count starts again (the source's does not)."""
+        self._failures.pop(f"user:{user}", None)
+
+    @contextlib.contextmanager
+    def prompting(self, user: str) -> Iterator[bool]:
+        """Hold *user*'s one prompt slot; yields False if another prompt has it."""
+        if user in self._prompting:
+            yield False
+            return
+        self._prompting.add(user)
+        try:
+            yield True
+        finally:
+            self._prompting.discard(user)
 
 
 class TotpUnavailable(Exception):
@@ -42,6 +119,7 @@ class TotpStore:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir / "totp"
         self._last_step: dict[str, int] = {}
+        self.throttle = Throttle()
 
     def path(self, user: str) -> Path:
         """The secret file of *user* (a checked name)."""
@@ -101,26 +179,50 @@ class TotpStore:
 
 async def prompt(store: TotpStore, user: str, vm: str,
                  read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], None], *,
+                 source: str = "?", on_failure: Callable[[], None] | None = None,
                  tries: int = MAX_TRIES, limit: float = CODE_TIMEOUT) -> tuple[bool, str]:
     """Ask *user* for a code on a terminal, up to *tries* times; return (ok, reason).
 
     *read* returns the next bytes typed (b"" at end of input). Input is not
-    echoed. The whole exchange is bounded by *limit* seconds.
+    echoed. The whole exchange is bounded by *limit* seconds. *source* is the
+    client's address, for the throttle; *on_failure* runs after each wrong code.
     """
     try:
         store.check(user)
     except TotpUnavailable as exc:
         return False, str(exc)
+    throttle = store.throttle
+    with throttle.prompting(user) as mine:
+        if not mine:
+            return False, (f"another TOTP prompt for {user} is open; answer it (or close it) "
+                           "first")
+        return await _ask(store, user, vm, read, write, source=source, on_failure=on_failure,
+                          tries=tries, limit=limit)
+
+
+async def _ask(store: TotpStore, user: str, vm: str, read: Callable[[], Awaitable[bytes]],
+               write: Callable[[bytes], None], *, source: str,
+               on_failure: Callable[[], None] | None, tries: int,
+               limit: float) -> tuple[bool, str]:
+    throttle = store.throttle
     try:
         async with asyncio.timeout(limit):
             for attempt in range(1, tries + 1):
+                wait = throttle.locked(user, source)
+                if wait > 0:
+                    return False, (f"too many wrong codes for {user} or from this address: "
+                                   f"try again in {wait:.0f} s")
                 write(f"TOTP code for {user} on {vm} (attempt {attempt} of {tries}): ".encode())
                 line = await _read_line(read)
                 write(b"\r\n")
                 if line is None:
                     return False, "input closed before a code was entered"
                 if store.verify(user, line):
+                    throttle.succeeded(user)
                     return True, f"code accepted on attempt {attempt}"
+                throttle.failed(user, source)
+                if on_failure is not None:
+                    on_failure()
                 if attempt < tries:
                     write(b"wrong code\r\n")
     except TimeoutError:

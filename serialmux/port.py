@@ -41,6 +41,8 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 STABLE_AFTER = 2.0  # an open that lasted this long resets the backoff
 BREAK_SECONDS = 0.25
+# The most one read of a PTY or tty returns (N_TTY's 4 KiB buffer, less one).
+N_TTY_READ = 4095
 
 IAC, BRK, SB, SE = 0xFF, 0xF3, 0xFA, 0xF0
 WILL, WONT, DO, DONT = 0xFB, 0xFC, 0xFD, 0xFE
@@ -136,7 +138,23 @@ class _DirectSerial(serial.Serial):  # type: ignore[misc]  # pyserial is untyped
             raise serial.SerialException(f"read failed: {_describe(exc)}") from exc
         if not data:
             raise serial.SerialException("end of file: the other side closed the port")
-        return data
+        if len(data) < N_TTY_READ:
+            return data
+        # A full line-discipline buffer (a flood): the kernel has more queued.
+        # Take it now, so the ring and the SSH client get one large chunk, not
+        # one 4 KiB record and one SSH packet per read.
+        chunks = [data]
+        total = len(data)
+        while total < size and len(data) >= N_TTY_READ:
+            try:
+                data = os.read(self.fd, size - total)
+            except OSError:
+                break  # EAGAIN, or an error the next readiness reports
+            if not data:
+                break  # EOF: reported by the next read
+            chunks.append(data)
+            total += len(data)
+        return b"".join(chunks)
 
 
 def _pty_identity(path: str) -> tuple[int, int] | None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ EventCallback = Callable[[str, dict[str, Any]], None]
 ConnectCallback = Callable[[], None]
 
 log = get_logger(__name__)
+# The only PTY paths taken from QEMU: anything else (a path QEMU, or whoever
+# answers on the QMP socket, could choose) would be opened as the console.
+PTY_PATH = re.compile(r"/dev/pts/[0-9]+")
 #: qemu.qmp's own records. It reports each expected failure (QEMU off, a refused greeting) at
 #: ERROR, which we already log as a structured fact, so only its CRITICAL (a library bug) shows.
 WIRE_LOGGER = "serialmux.qmp.wire"
@@ -300,7 +304,14 @@ class Hypervisor:
         for chardev in await self.execute("query-chardev") or ():
             if isinstance(chardev, dict) and chardev.get("label") == label:
                 filename = str(chardev.get("filename", ""))
-                return filename[4:] if filename.startswith("pty:") else None
+                if not filename.startswith("pty:"):
+                    return None
+                path = filename[4:]
+                if not PTY_PATH.fullmatch(path):
+                    log.warning("qmp_pty_path_refused", label=label, path=path[:200],
+                                reason="not /dev/pts/N")
+                    return None
+                return path
         return None
 
 

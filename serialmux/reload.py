@@ -4,9 +4,12 @@
 values and says which consoles to add, remove, reopen or update, and which
 settings only a restart can change. :func:`reload_daemon` runs on SIGHUP
 (``systemctl reload``) and on ``serialmux reload``: a config with errors is
-rejected with every error logged and the running one stays; otherwise the plan
-is applied and every remaining session's identity is checked against the new
-users, keys and grants.
+rejected with every error logged and the running one stays; otherwise the user
+CAs and revocation list are rebuilt from it, the plan is applied (a changed
+``redact`` gets a new redactor), every open SSH connection's key or
+certificate is checked again (:mod:`serialmux.connections`: those no longer
+accepted are disconnected), then every remaining session and exec command
+against the new grants.
 
 What reload leaves alone: a console whose ``[vms.NAME]`` did not change keeps
 its port, ring and sessions untouched (not a byte is lost or repeated).
@@ -19,11 +22,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .access import Identity
+from .auth import Revocations, load_cas
 from .config import Config, ConfigErrors, Role, VMConfig, load_config
 from .errors import ConfigError
 from .log import get_logger
+from .redact import Redactor
 
 if TYPE_CHECKING:
+    from .console import Console
     from .daemon import Daemon
 
 log = get_logger(__name__)
@@ -89,6 +95,12 @@ def access_lost(config: Config, identity: Identity, vm: str, writer: bool) -> st
     return None
 
 
+def _new_redactor(console: Console, vm: VMConfig) -> None:
+    """Apply *vm*'s redact rules to output from now on; held-back output goes out first."""
+    console.flush_redacted()  # it was read under the old rules
+    console.redactor = Redactor(vm.redact) if vm.redact else None
+
+
 async def reload_daemon(daemon: Daemon, who: str) -> bool:
     """Re-read ``daemon.config.path`` and apply it; False if it was rejected.
 
@@ -114,8 +126,25 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
         notifier.ready(f"{daemon.summary()}; reload rejected ({len(errors)} errors), "
                        "running the previous config")
         return False
+    try:
+        # The trust roots follow the file too: a removed CA, a new revoked_keys path or a
+        # changed CA file take effect now (read before anything changes: all or nothing).
+        cas = await asyncio.to_thread(load_cas, new.ssh.user_ca_keys)
+    except ConfigError as exc:
+        log.error("reload_config_error", path=str(path), error=str(exc))
+        daemon.audit.event("reload", user=who, path=str(path), result="failed",
+                           reason=f"{exc}; old config kept")
+        notifier.ready(f"{daemon.summary()}; reload rejected (user CA keys unreadable), "
+                       "running the previous config")
+        return False
     plan = plan_reload(daemon.config, new)
+    old = daemon.config
     daemon.config = new
+    daemon.user_cas = cas
+    if new.ssh.revoked_keys != old.ssh.revoked_keys:
+        daemon.revoked = daemon.watch_revocations(Revocations(new.ssh.revoked_keys))
+    else:
+        daemon.revoked.refresh()
     for name in plan.removed:
         if name in daemon.consoles:
             await daemon.remove_console(name, f"VM {name} was removed from the configuration")
@@ -130,8 +159,16 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
         console = daemon.consoles[vm.name]
         console.vm = vm
         console.port.vm = vm
-    kicked = 0
+    for vm in plan.reopened + plan.updated:
+        before = old.vms.get(vm.name)
+        if before is not None and before.redact != vm.redact:
+            _new_redactor(daemon.consoles[vm.name], vm)
+    # Connections first (a whole login no longer accepted), then single sessions and commands.
+    cut = daemon.connections.recheck("configuration reloaded")
+    kicked = len(cut)
     for session in list(daemon.sessions):
+        if session.identity.session_id in cut:
+            continue  # told with its connection
         reason = access_lost(new, session.identity, session.console.name, session.att.writer)
         if reason is not None:
             kicked += 1
@@ -139,6 +176,7 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
                                user=session.identity.user, session=session.identity.session_id,
                                peer=session.identity.peer, reason=reason, result="ok")
             session.att.on_closed(f"disconnected: {reason} (configuration reloaded)")
+    kicked += daemon.connections.recheck_grants(new, "configuration reloaded")
     for setting in plan.restart_needed:
         log.warning("reload_needs_restart", setting=setting,
                     hint="this setting takes effect when serialmux restarts")

@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -90,12 +91,35 @@ async def _second_factor(daemon: Daemon, process: asyncssh.SSHServerProcess[byte
         with contextlib.suppress(OSError, asyncssh.Error):
             process.stdout.write(data)
 
-    ok, reason = await mfa.prompt(daemon.totp, identity.user, vm, read, write)
+    host = identity.peer.rsplit(":", 1)[0].strip("[]")
+
+    def failed() -> None:
+        # A wrong code costs the source like a failed key (PerSourcePenalties).
+        daemon.gate.penalise(host, daemon.config.ssh.penalty_authfail)
+        daemon.audit.event("mfa_failure", vm=vm, method="totp", result="refused",
+                           reason="wrong code", **base)
+
+    ok, reason = await mfa.prompt(daemon.totp, identity.user, vm, read, write, source=host,
+                                  on_failure=failed)
     daemon.audit.event("mfa", vm=vm, method="totp", result="ok" if ok else "refused",
                        reason=reason, **base)
     if not ok:
         _error(process, f"second factor refused: {reason}")
     return ok
+
+
+def _credential_revoked(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes]) -> bool:
+    """Re-check the connection's key or certificate now; disconnect it if no longer accepted.
+
+    A multiplexed connection (OpenSSH ControlMaster) opens channels long after its
+    login: each must still be allowed under the current users, CAs and revocations.
+    """
+    server = server_of(process)
+    problem = daemon.connections.problem(server)
+    if problem is None:
+        return False
+    daemon.connections.cut(server, problem, trigger="checked on a new channel")
+    return True
 
 
 def _error(process: asyncssh.SSHServerProcess[bytes], text: str) -> None:
@@ -110,6 +134,12 @@ async def _route(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes], iden
     base = {"session": identity.session_id, "user": identity.user, "peer": identity.peer,
             "fingerprint": identity.fingerprint, "key_id": identity.key_id,
             "serial": identity.serial}
+    if daemon.stopping:
+        audit.event("refused", vm=request.vm, reason="shutting down", **base)
+        _error(process, "serialmux is shutting down")
+        return 1
+    if _credential_revoked(daemon, process):
+        return 1
     console = daemon.consoles.get(request.vm) if not request.errors else None
     role = daemon.config.role_for(identity.user, request.vm) if console else None
     if request.errors:
@@ -121,11 +151,22 @@ async def _route(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes], iden
         audit.event("refused", vm=request.vm, reason="no grant or no such VM", **base)
         _error(process, DENIED)
         return 1
-    if daemon.config.mfa_for(identity.user, console.name) and not await _second_factor(
-            daemon, process, identity, console.name, base):
-        return 1
+    if daemon.config.mfa_for(identity.user, console.name):
+        if not await _second_factor(daemon, process, identity, console.name, base):
+            return 1
+        # The prompt waited for a person: a reload may have changed the key, grant or VM.
+        if _credential_revoked(daemon, process):
+            return 1
+        role = daemon.config.role_for(identity.user, console.name)
+        if role is None or daemon.consoles.get(console.name) is not console:
+            audit.event("refused", vm=console.name,
+                        reason="grant or VM removed during the second factor", **base)
+            _error(process, DENIED)
+            return 1
     if process.command is not None:
-        return await commands.run(daemon, process, console, identity, role, process.command)
+        async with daemon.connections.running(identity, console.name, process):
+            return await commands.run(daemon, process, console, identity, role, process.command)
+        return 1  # cut by a reload or shutdown (the client was told why)
     if process.subsystem is not None and process.subsystem != "console":
         audit.event("refused", vm=console.name, reason=f"subsystem {process.subsystem!r}", **base)
         _error(process, f"subsystem {process.subsystem!r} is not offered; use 'console'")
@@ -165,8 +206,12 @@ class Session:
         self._end_reason = "client closed"
         self._status = 0
         self._told_ro = self._told_down = False
-        self._replay_from: tuple[int, int, int] | None = None
+        self._replay_at: tuple[int, int] | None = None  # (lines, ring seq live output starts at)
         self._tasks: asyncio.TaskGroup | None = None
+        # Bytes written but not yet sent on the SSH channel (None: not an SSH channel).
+        channel = getattr(process, "channel", None)
+        self._buffered: Callable[[], int] | None = (
+            channel.get_write_buffer_size if channel is not None else None)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -245,17 +290,22 @@ class Session:
                       "when it starts")
         replay = self.request.replay
         if replay and self.console.ring is not None:
+            # The live cursor and the replay's end, taken together: they meet exactly.
             self.offset = self.console.backlog.end
-            self._replay_from = self.daemon.replay_start(self.console, replay)
+            self._replay_at = (replay, self.console.ring.next_seq)
         else:
-            self._replay_from = None
+            self._replay_at = None
 
     # -- console → client ----------------------------------------------------------
 
     async def _pump_out(self) -> None:
         stdout = self.process.stdout
-        if self._replay_from is not None:
-            await self.daemon.replay(self.console, self._replay_from, self._write_drained)
+        if self._replay_at is not None:
+            # Off the loop: finding the start can read a big ring for a while.
+            window = await asyncio.to_thread(self.daemon.replay_start, self.console,
+                                             *self._replay_at)
+            if window is not None:
+                await self.daemon.replay(self.console, window, self._write_drained)
         backlog = self.console.backlog
         while True:
             if self._notices and self._notices[0][0] <= self.offset:
@@ -284,6 +334,12 @@ class Session:
         await self._drain()
 
     async def _drain(self) -> None:
+        buffered = self._buffered
+        if buffered is not None and self._writable.is_set() and not buffered():
+            # Everything written went out: drain cannot block (it still raises if
+            # the connection was lost), so no timeout to arm and cancel per chunk.
+            await self.process.stdout.drain()
+            return
         timeout = self.daemon.config.server.stall_timeout
         try:
             async with asyncio.timeout(timeout):
@@ -382,6 +438,16 @@ class Session:
         a SysRq). NMI, reset and QMP SysRq wait for QEMU's reply, which can take
         seconds: typing must not wait for it.
         """
+        if self.request.read_only:
+            # +ro is a promise not to touch the VM: no BREAK, SysRq, NMI or reset either.
+            ident = self.identity
+            self.daemon.audit.event("command", vm=self.console.name, user=ident.user,
+                                    session=ident.session_id, peer=ident.peer,
+                                    action=key.name.lower(), arg=arg, result="refused",
+                                    reason="read-only session (+ro)")
+            self._say(f"read-only session (+ro): {key.name.lower()} not sent; "
+                      "log in without +ro to send it")
+            return
         if key is Key.BREAK or self._tasks is None:
             await self._action(key, arg)
         else:

@@ -12,8 +12,11 @@ before the handshake, and certificates are checked by
 :func:`serialmux.auth.check_certificate` (principal = serialmux user).
 
 Identity comes from the key that authenticated, never from the login name:
-:meth:`GatewayServer.validate_public_key` binds the key to a configured
-user and the session reads it back with :func:`identity_of`.
+:meth:`GatewayServer.validate_public_key` finds the configured user of a
+key, :meth:`GatewayServer.auth_completed` binds it once the signature has been
+verified, and the session reads it back with :func:`server_of`. At most
+``[ssh] max_sessions`` session channels are open per connection (OpenSSH
+``MaxSessions``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +33,9 @@ import asyncssh
 
 from .access import Identity
 from .auth import CertRefused, check_certificate, is_certificate
+from .connections import Credential
 from .errors import ConfigError
+from .keys import normalise_address
 from .log import get_logger
 
 if TYPE_CHECKING:
@@ -77,11 +83,17 @@ class GatewayServer(asyncssh.SSHServer):
         self.session_id = secrets.token_hex(6)
         self.peer = "?"
         self.identity: Identity | None = None
+        # The user of the key last offered; bound to identity only in auth_completed,
+        # after asyncssh verified the signature (an unsigned probe proves nothing).
+        self._candidate: Identity | None = None
+        self.sessions = 0  # session channels open on this connection
         self.failures = 0
         self.writable = asyncio.Event()
         self.writable.set()
         self.admitted = False  # counted by daemon.gate until authenticated or closed
         self.authenticated = False
+        # What authenticated (key or certificate): re-checked on reload and every channel.
+        self.credential: Credential | None = None
 
     # -- connection ------------------------------------------------------------
 
@@ -89,7 +101,7 @@ class GatewayServer(asyncssh.SSHServer):
         """A TCP connection arrived; the SSH handshake has not started."""
         self._conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
-        host = peer[0]
+        host = normalise_address(peer[0])
         self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
         # asyncssh ignores the transport's flow control ("do nothing for now"),
         # so a client that stops reading TCP would let its transport buffer
@@ -106,18 +118,48 @@ class GatewayServer(asyncssh.SSHServer):
             asyncio.get_running_loop().call_soon(conn.abort)
             return
         self.admitted = True
+        self._daemon.connections.opened(self)
         # asyncssh checks a certificate's principals against the login name,
         # which here is the VM, so certificates are validated by serialmux.auth
         # instead: replace this connection's certificate check (the one hook
         # that sees the raw blob, before asyncssh verifies the signature).
         conn._validate_client_certificate = self._validate_certificate  # type: ignore[method-assign]
+        limited = self._limit_sessions(conn._process_session_open)
+        conn._process_session_open = limited  # type: ignore[method-assign, assignment]
         self._daemon.audit.event("connect", session=self.session_id, peer=self.peer)
+
+    def _limit_sessions(self, open_session: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Wrap asyncssh's session-open handler with MaxSessions (it opens all it is asked)."""
+
+        def limited_open(packet: Any) -> Any:
+            limit = self._daemon.config.ssh.max_sessions
+            if self.sessions >= limit:
+                self._daemon.audit.event("refused", session=self.session_id, peer=self.peer,
+                                         user=self.identity.user if self.identity else None,
+                                         reason=f"MaxSessions: {limit} sessions open")
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                    f"at most {limit} sessions per connection (max_sessions); close one, or "
+                    "open another connection")
+            chan, session = open_session(packet)
+            self.sessions += 1
+            lost = session.connection_lost
+
+            def session_closed(exc: Exception | None) -> None:
+                self.sessions -= 1
+                lost(exc)
+
+            session.connection_lost = session_closed
+            return chan, session
+
+        return limited_open
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection closed (cleanly or not)."""
         self.writable.set()
         if not self.admitted:
             return
+        self._daemon.connections.closed(self)
         self._daemon.gate.closed(self.peer_host, was_authenticated=self.authenticated,
                                  failed=self.failures > 0)
         self._daemon.audit.event(
@@ -159,8 +201,9 @@ class GatewayServer(asyncssh.SSHServer):
         if user is not None:
             entry = next(k for k in user.keys if k.public_data == key.public_data)
             if entry.allows_from(self.peer_host):
-                self.identity = Identity(user=user.name, fingerprint=fingerprint, peer=self.peer,
-                                         session_id=self.session_id)
+                self._candidate = Identity(user=user.name, fingerprint=fingerprint,
+                                           peer=self.peer, session_id=self.session_id)
+                self.credential = Credential(user.name, key.public_data, at=time.time())
                 return True
             reason = "key not allowed from this address (from=)"
         else:
@@ -205,14 +248,20 @@ class GatewayServer(asyncssh.SSHServer):
         except CertRefused as exc:
             self._auth_failed(username, None, exc.reason, key_id=exc.key_id, serial=exc.serial)
             return None
-        self.identity = Identity(user=cert.user, fingerprint=cert.fingerprint, peer=self.peer,
-                                 session_id=self.session_id, key_id=cert.key_id,
-                                 serial=cert.serial)
+        self._candidate = Identity(user=cert.user, fingerprint=cert.fingerprint, peer=self.peer,
+                                   session_id=self.session_id, key_id=cert.key_id,
+                                   serial=cert.serial)
+        self.credential = Credential(cert.user, cert.key.public_data, certificate=key_data,
+                                     at=time.time())
         return cert.key
 
     def auth_completed(self) -> None:
-        """Authentication succeeded: audit who it was."""
-        ident = self.identity
+        """Authentication succeeded: bind and audit who it was.
+
+        asyncssh validates the signed request last, right before success, so
+        the last candidate is the key whose signature was verified.
+        """
+        ident = self.identity = self._candidate
         self.authenticated = True
         if self.admitted:
             self._daemon.gate.authenticated(self.peer_host)
@@ -222,6 +271,14 @@ class GatewayServer(asyncssh.SSHServer):
             fingerprint=ident.fingerprint if ident else None,
             key_id=ident.key_id if ident else None, serial=ident.serial if ident else None,
             result="ok")
+        if self._daemon.stopping:
+            self.close("serialmux is shutting down")
+
+    def close(self, text: str) -> None:
+        """Disconnect with *text* as the reason (reload revoked it, shutdown); idempotent."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect(asyncssh.DISC_BY_APPLICATION, text)
 
     # Forwarding of every kind stays refused: the SSHServer defaults return
     # False for connection_requested, server_requested and the UNIX variants.

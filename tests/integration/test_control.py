@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -147,6 +148,43 @@ async def test_every_action_is_audited_with_local_user(gw: Gateway) -> None:
     assert rec["user"] == "root"
     assert rec["uid"] == 0
     assert rec["pid"] > 0
+
+
+async def test_daemons_own_pid_is_refused(gw: Gateway) -> None:
+    """A connection from the daemon's own process is refused at once, before any request."""
+    assert gw.daemon is not None
+    path = socket_path(gw.daemon.config.server.runtime_dir)
+    reader, writer = await asyncio.open_unix_connection(str(path))  # this process is the daemon
+    try:
+        async with asyncio.timeout(WAIT):
+            reply = json.loads(await reader.readline())
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert reply["ok"] is False
+    assert "does not serve its own process" in reply["error"]
+    await gw.wait_audit("control", pid=os.getpid(), result="refused")
+    assert (await run_cli("status", *cfg(gw))).status == 0  # another process still may
+
+
+async def test_port_pointed_at_control_socket_gets_nothing(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A console whose port is control.sock: typing a control request there is never served."""
+    vm.start()
+    control = tmp_path / "run" / "control.sock"
+    async with gateway(tmp_path, vms={"web-01": vm.port, "web-loop": f"unix:{control}"},
+                       users={"bob": users["bob"]}, grants=[(["bob"], ["web-*"], "contributor")]
+                       ) as g:
+        await g.wait_audit("control", pid=os.getpid(), result="refused")
+        c = await g.attach(users["bob"], "web-loop", term=False, subsystem="console")
+        try:
+            c.send(b'{"cmd":"attach","vm":"web-01","replay":0,"interactive":false}\n')
+            await c.wait_out(b"does not serve its own process")  # the refusal, via the ring
+        finally:
+            await c.close()
+        assert not any(r["event"] == "control" and r["result"] == "ok" for r in g.audit_events)
+        assert b"cmd" not in vm.received
 
 
 @pytest.fixture

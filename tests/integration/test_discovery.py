@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import pwd
 import resource
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -104,6 +105,77 @@ async def test_qmp_socket_appearing_reopens_with_hypervisor(disco: Gateway, tmp_
     finally:
         qmp.close()
         await qmp.wait_closed()
+        guest.close()
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+
+
+async def test_links_to_the_daemons_own_files_never_become_consoles(
+        disco: Gateway, tmp_path: Path) -> None:
+    """NAME.serial linking to control.sock or into state_dir, or hard-linking it, is refused."""
+    assert disco.daemon is not None
+    vms, control = tmp_path / "vms", tmp_path / "run" / "control.sock"
+    (vms / "lab-1.serial").symlink_to(control)
+    rec = await disco.wait_audit("vm_refused", vm="lab-1")
+    assert "inside the daemon's runtime_dir" in rec["reason"]
+    (vms / "lab-2.serial").symlink_to(tmp_path / "state" / "rings" / "web-01.ring")
+    rec = await disco.wait_audit("vm_refused", vm="lab-2")
+    assert "inside the daemon's state_dir" in rec["reason"]
+    os.link(control, vms / "lab-3.serial")  # same inode, owned by us, not a symlink
+    rec = await disco.wait_audit("vm_refused", vm="lab-3")
+    assert "control socket" in rec["reason"]
+    assert set(disco.daemon.consoles) == {"web-01"}
+    assert count(disco, "vm_discovered") == 0
+    assert not any(r["event"] == "control" for r in disco.audit_events)
+
+
+@needs_root
+async def test_entry_owned_by_another_uid_is_refused(disco: Gateway, tmp_path: Path) -> None:
+    """A NAME.serial symlink owned by nobody is refused; owned by root it is a console again."""
+    assert disco.daemon is not None
+    nobody = pwd.getpwnam("nobody").pw_uid
+    guest = PtyVM()
+    guest.start()
+    try:
+        staged = tmp_path / "db-02.serial"
+        staged.symlink_to(guest.slave_path)
+        os.chown(staged, nobody, -1, follow_symlinks=False)
+        link = tmp_path / "vms" / "db-02.serial"
+        staged.rename(link)  # appears already owned by nobody: no window as root's
+        rec = await disco.wait_audit("vm_refused", vm="db-02")
+        assert f"owned by uid {nobody}" in rec["reason"]
+        assert "db-02" not in disco.daemon.consoles
+        os.chown(link, 0, -1, follow_symlinks=False)
+        await disco.wait_audit("vm_discovered", vm="db-02")
+        os.chown(link, nobody, -1, follow_symlinks=False)
+        await disco.wait_audit("vm_gone", vm="db-02")
+        assert "db-02" not in disco.daemon.consoles
+    finally:
+        guest.close()
+
+
+async def test_directory_writable_by_others_is_not_trusted(disco: Gateway, tmp_path: Path
+                                                           ) -> None:
+    """chmod o+w on the directory removes its consoles; chmod o-w brings them back."""
+    assert disco.daemon is not None
+    vms = tmp_path / "vms"
+    guest = PtyVM()
+    guest.start()
+    try:
+        (vms / "db-03.serial").symlink_to(guest.slave_path)
+        await disco.wait_audit("vm_discovered", vm="db-03")
+        vms.chmod(0o757)
+        await disco.wait_audit("vm_gone", vm="db-03")
+        rec = await disco.wait_audit("vm_refused", vm="db-03")
+        assert "writable by others" in rec["reason"]
+        assert set(disco.daemon.consoles) == {"web-01"}
+        vms.chmod(0o755)
+        await wait_until(disco, lambda: count(disco, "vm_discovered") == 2)
+        assert "db-03" in disco.daemon.consoles
+        (vms / "db-03.serial").unlink()
+        await wait_until(disco, lambda: count(disco, "vm_gone") == 2)
+    finally:
         guest.close()
 
 

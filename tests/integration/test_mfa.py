@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pyotp
@@ -138,5 +139,54 @@ async def test_command_with_terminal_asks_then_runs(tmp_path: Path, users: dict[
         assert process.exit_status == 0
         assert b"console: " in out
         conn.close()
+    finally:
+        await gw.stop()
+
+
+async def test_wrong_codes_lock_out_the_user_and_penalise_the_source(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """After 3 wrong codes no prompt is given, even on a new channel; the source is penalised."""
+    gw, _ = await start(tmp_path, users, vm)
+    try:
+        c = await gw.attach(users["alice"], "web-01")
+        for attempt in (1, 2, 3):
+            await c.wait_out(f"(attempt {attempt} of 3)".encode())
+            c.send(b"999999\r")
+        assert await c.wait_closed() == 1
+        failures = [e for e in gw.audit_events if e["event"] == "mfa_failure"]
+        assert len(failures) == 3
+        # Another channel on the same connection, with the right code ready: no prompt at all.
+        process = await c.conn.create_process(term_type="xterm", encoding=None)
+        async with asyncio.timeout(WAIT):
+            err = await process.stderr.read()
+            await process.wait_closed()
+        assert b"too many wrong codes for alice" in err
+        assert process.exit_status == 1
+        await gw.wait_audit("mfa", user="alice", result="refused")
+        assert gw.console("web-01").writer is None
+        # Each wrong code costs the source penalty_authfail (5 s), like a failed key.
+        assert gw.daemon is not None
+        left = gw.daemon.gate.penalties["127.0.0.1"].expiry - time.monotonic()
+        assert 3 * 5 - 1 < left <= 3 * 5
+    finally:
+        await gw.stop()
+
+
+async def test_one_prompt_at_a_time_per_user(tmp_path: Path, users: dict[str, User],
+                                             vm: PtyVM) -> None:
+    """While alice has a prompt open, a second channel asking for her code is refused."""
+    gw, totp = await start(tmp_path, users, vm)
+    try:
+        c = await gw.attach(users["alice"], "web-01")
+        await c.wait_out(b"(attempt 1 of 3)")
+        second = await c.conn.create_process(term_type="xterm", encoding=None)
+        async with asyncio.timeout(WAIT):
+            err = await second.stderr.read()
+            await second.wait_closed()
+        assert b"another TOTP prompt for alice is open" in err
+        assert b"TOTP code" not in err
+        c.send(totp.now().encode() + b"\r")
+        await c.wait_out(b"connected to web-01 (writer)")
+        await c.close()
     finally:
         await gw.stop()

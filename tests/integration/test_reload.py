@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncssh
+import pyotp
 import pytest
 
 from serialmux.config import parse_config
+from serialmux.mfa import TotpStore
 from serialmux.reload import plan_reload
-from tests.support import Gateway, PtyVM, User, run_cli
+from tests.integration.conftest import GRANTS
+from tests.support import WAIT, Client, Gateway, PtyVM, User, gateway, run_cli
 
 
 @pytest.fixture
@@ -128,7 +133,7 @@ async def test_removed_user_and_demoted_writer(gw: Gateway, users: dict[str, Use
     assert await gw.daemon.reload("test")
     await carol.wait_out(b"user carol was removed from the configuration")
     await bob.wait_out(b"no longer allows typing")
-    assert await carol.wait_closed() == 1
+    await wait_conn_closed(carol.conn)  # a removed user's whole connection goes
     assert await bob.wait_closed() == 1
 
 
@@ -168,3 +173,197 @@ async def test_changed_port_is_reopened_and_session_kept(
     await c.wait_out(b"from the new port")
     assert b"new port" not in vm.received
     await c.close()
+
+
+# ----------------------------------------------------------------------------
+# Trust follows the file: CAs, revocations, keys and grants of open connections
+
+CA_EXTRA = '[ssh]\nuser_ca_keys = ["ca.pub"]\nrevoked_keys = "revoked"'
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> asyncssh.SSHKey:
+    """A user CA (tmp/ca.pub) and an empty revocation file (tmp/revoked)."""
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    (tmp_path / "ca.pub").write_bytes(key.export_public_key())
+    (tmp_path / "revoked").write_text("# nothing revoked yet\n")
+    return key
+
+
+@pytest.fixture
+async def cagw(tmp_path: Path, users: dict[str, User], vm: PtyVM,
+               ca: asyncssh.SSHKey) -> AsyncIterator[Gateway]:
+    """The gw fixture's daemon, trusting *ca* and reading tmp/revoked."""
+    vm.start()
+    configured = {k: v for k, v in users.items() if k != "mallory"}
+    async with gateway(tmp_path, vms={"web-01": vm.port}, users=configured, grants=GRANTS,
+                       extra=CA_EXTRA) as g:
+        yield g
+
+
+def certify(ca: asyncssh.SSHKey, user: str, serial: int = 0
+            ) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
+    """A fresh key and *ca*'s certificate for it naming *user*."""
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    return key, ca.generate_user_certificate(key, principals=[user], key_id=f"{user}-cert",
+                                             serial=serial)
+
+
+async def cert_connect(gw: Gateway, key: asyncssh.SSHKey, cert: asyncssh.SSHCertificate,
+                       login: str = "web-01") -> asyncssh.SSHClientConnection:
+    """Log in with a certificate."""
+    conn = await asyncssh.connect("127.0.0.1", gw.port, username=login,
+                                  client_keys=[(key, cert)], known_hosts=None, agent_path=None)
+    gw.conns.append(conn)
+    return conn
+
+
+async def wait_conn_closed(conn: asyncssh.SSHClientConnection) -> None:
+    """Wait (bounded) until the daemon has closed *conn*."""
+    async with asyncio.timeout(WAIT):
+        await conn.wait_closed()
+
+
+async def run(conn: asyncssh.SSHClientConnection, command: str) -> asyncssh.SSHCompletedProcess:
+    """Run an exec command, bounded."""
+    async with asyncio.timeout(WAIT):
+        return await conn.run(command, encoding=None)
+
+
+async def test_reload_removing_a_ca_refuses_and_cuts_its_certificates(
+        cagw: Gateway, ca: asyncssh.SSHKey) -> None:
+    """H2: a CA dropped from user_ca_keys by reload: its open sessions cut, new logins refused."""
+    assert cagw.daemon is not None
+    key, cert = certify(ca, "alice")
+    conn = await cert_connect(cagw, key, cert)
+    c = Client(conn, await conn.create_process(term_type="xterm", encoding=None))
+    await c.wait_out(b"(writer)")
+    cagw.extra = '[ssh]\nrevoked_keys = "revoked"'
+    rewrite(cagw)
+    assert await cagw.daemon.reload("test")
+    await c.wait_out(b"disconnected: certificate signed by an untrusted CA "
+                     b"(configuration reloaded)")
+    await wait_conn_closed(conn)
+    rec = await cagw.wait_audit("access_revoked", user="alice")
+    assert (rec["key_id"], rec["trigger"]) == ("alice-cert", "configuration reloaded")
+    with pytest.raises(asyncssh.PermissionDenied):
+        await cert_connect(cagw, key, cert)
+
+
+async def test_reload_to_a_new_revocation_file_cuts_a_revoked_certificate(
+        tmp_path: Path, cagw: Gateway, ca: asyncssh.SSHKey) -> None:
+    """H2/H3b: revoked_keys moved to a file listing a serial: that cert's idle connection is cut."""
+    assert cagw.daemon is not None
+    conn = await cert_connect(cagw, *certify(ca, "carol", serial=77))
+    other = await cert_connect(cagw, *certify(ca, "carol", serial=78))
+    assert (await run(conn, "who")).exit_status == 0
+    (tmp_path / "revoked2").write_text("serial:77\n")
+    cagw.extra = CA_EXTRA.replace('"revoked"', '"revoked2"')
+    rewrite(cagw)
+    assert await cagw.daemon.reload("test")
+    await wait_conn_closed(conn)
+    rec = await cagw.wait_audit("access_revoked", user="carol")
+    assert rec["reason"] == "certificate serial 77 is revoked"
+    assert (await run(other, "who")).exit_status == 0
+
+
+async def test_reload_replacing_a_key_cuts_its_idle_connection(
+        gw: Gateway, users: dict[str, User]) -> None:
+    """H3a: alice's key replaced by reload: her open connection (no session) is disconnected."""
+    assert gw.daemon is not None
+    conn = await gw.connect(users["alice"], "web-01")
+    bob = await gw.connect(users["bob"], "web-01")
+    assert (await run(conn, "who")).exit_status == 0
+    gw.users = {**gw.users, "alice": dataclasses.replace(users["mallory"], name="alice")}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    await wait_conn_closed(conn)
+    await gw.wait_audit("access_revoked", user="alice",
+                        reason="the key you logged in with was removed from the configuration")
+    assert (await run(bob, "who")).exit_status == 0
+
+
+async def test_revoked_key_cannot_open_a_new_channel_on_its_connection(
+        tmp_path: Path, cagw: Gateway, users: dict[str, User]) -> None:
+    """H3: a key added to revoked_keys (no reload): the next channel is refused, connections cut."""
+    conn = await cagw.connect(users["bob"], "web-01")
+    idle = await cagw.connect(users["bob"], "web-01")
+    assert (await run(conn, "who")).exit_status == 0
+    (tmp_path / "revoked").write_text(users["bob"].public + "\n")
+    try:
+        result = await run(conn, "who")
+    except (asyncssh.Error, OSError):
+        pass  # the connection went before the channel was answered
+    else:
+        assert result.exit_status != 0
+        assert b"bob" not in (result.stdout or b"")
+    await cagw.wait_audit("access_revoked", user="bob", trigger="checked on a new channel")
+    await wait_conn_closed(conn)
+    # The changed file is noticed once: every other connection of the key goes too.
+    await cagw.wait_audit("access_revoked", user="bob", trigger="revocation list changed")
+    await wait_conn_closed(idle)
+
+
+async def test_reload_removing_a_grant_ends_logs_follow(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """H3c: a running `logs -f` ends with a notice when reload removes the grant."""
+    assert gw.daemon is not None
+    conn = await gw.connect(users["carol"], "web-01")
+    c = Client(conn, await conn.create_process("logs -f", encoding=None))
+    vm.write(b"before the reload\r\n")
+    await c.wait_out(b"before the reload")
+    gw.grants = [g for g in gw.grants if g[0] != ["carol"]]
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    await c.wait_out(b"disconnected: your grant on web-01 was removed (configuration reloaded)",
+                     stream="err")
+    assert await c.wait_closed() == 1
+    rec = await gw.wait_audit("reload_disconnect", user="carol", vm="web-01")
+    assert rec["command"] == "logs -f"
+    await c.close()
+
+
+async def test_grant_removed_during_the_second_factor_is_refused(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """H3d: the role is computed again after the TOTP prompt: a grant removed meanwhile refuses."""
+    vm.start()
+    uri = TotpStore(tmp_path / "state").enroll("alice")
+    mfa_grant = '[[grants]]\nusers = ["alice"]\nvms = ["web-*"]\nrole = "owner"\nmfa = "totp"'
+    async with gateway(tmp_path, vms={"web-01": vm.port},
+                       users={n: users[n] for n in ("alice", "carol")},
+                       grants=[(["carol"], ["web-*"], "reader")], extra=mfa_grant) as gw:
+        assert gw.daemon is not None
+        c = await gw.attach(users["alice"], "web-01")
+        await c.wait_out(b"TOTP code for alice on web-01")
+        gw.extra = ""
+        rewrite(gw)
+        assert await gw.daemon.reload("test")
+        c.send(pyotp.parse_uri(uri).now().encode() + b"\r")
+        assert await c.wait_closed() == 1
+        assert b"access denied" in c.err
+        await gw.wait_audit("refused", user="alice",
+                            reason="grant or VM removed during the second factor")
+        assert not [e for e in gw.audit_events if e["event"] == "attach"]
+
+
+async def test_reload_changing_redact_rules_applies_to_later_output(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """M4: new redact rules apply to output after the reload; the old ones no longer do."""
+    vm.start()
+    async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")],
+                       vm_extra={"web-01": 'redact = ["sekrit-[0-9]+"]'}) as gw:
+        assert gw.daemon is not None
+        c = await gw.attach(users["alice"], "web-01+replay=0")
+        vm.write(b"one sekrit-111 token-111\r\n")
+        await c.wait_out(b"token-111")
+        gw.vm_extra = {"web-01": 'redact = ["token-[0-9]+"]'}
+        rewrite(gw)
+        assert await gw.daemon.reload("test")
+        vm.write(b"two sekrit-222 token-222\r\n")
+        await c.wait_out(b"token-222")
+        conn = await gw.connect(users["alice"], "web-01")
+        logs = (await run(conn, "logs --raw")).stdout or b""
+        assert b"one [redacted:secret] token-111" in logs
+        assert b"two sekrit-222 [redacted:secret]" in logs
+        await c.close()

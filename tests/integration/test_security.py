@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -23,6 +24,8 @@ from typing import Any
 import asyncssh
 import pytest
 
+from serialmux import commands
+from serialmux.access import Identity
 from serialmux.logs import write_logs
 from tests.support import WAIT, Gateway, PtyVM, User, gateway, openssh_args, ssh_binary
 
@@ -646,3 +649,152 @@ async def test_ssh_audit_finds_no_failures_and_strict_kex(gw: Gateway) -> None:
                 for item in report.get(section, []) if item.get("notes", {}).get("fail")]
     assert not failures, failures
     assert not report.get("cves"), report.get("cves")
+
+
+# ----------------------------------------------------------------------------
+# Review findings: disable --all, reasons, logs -f, MaxSessions, +ro actions
+
+
+async def test_disable_all_needs_owner_of_every_vm(tmp_path: Path, users: dict[str, User],
+                                                   vm: PtyVM) -> None:
+    """disable/enable --all by an owner of only some VMs is refused, saying why; nothing changes."""
+    other = PtyVM()
+    vm.start()
+    other.start()
+    grants = [(["alice"], ["web-01"], "owner"), (["bob"], ["*"], "owner")]
+    try:
+        async with gateway(tmp_path, vms={"web-01": vm.port, "db-01": other.port},
+                           users={n: users[n] for n in ("alice", "bob")}, grants=grants) as gw:
+            held = await gw.attach(users["bob"], "db-01")
+            await held.wait_out(b"connected to db-01")
+            conn = await gw.connect(users["alice"], "web-01")
+            for command in ("disable --all --reason pwned", "enable --all"):
+                result = await conn.run(command, encoding=None)
+                assert result.exit_status == 1
+                assert b"--all needs the owner role on every VM" in result.stderr
+            await gw.wait_audit("refused", user="alice", command="disable", vm="*")
+            assert gw.daemon is not None
+            assert gw.daemon.disabled_all is None
+            assert not held.closed
+            bob = await gw.connect(users["bob"], "web-01")
+            result = await bob.run("disable --all --reason maintenance", encoding=None)
+            assert result.exit_status == 0
+            assert await held.wait_closed() == 1
+            assert (await bob.run("enable --all", encoding=None)).exit_status == 0
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("reason", ["\x1b]0;owned\x07\x1b[2J", "line\nbreak", "x" * 201])
+async def test_disable_reason_must_be_short_printable_text(gw: Gateway, users: dict[str, User],
+                                                          reason: str) -> None:
+    """--reason with control characters or over 200 characters is a usage error; nothing done."""
+    conn = await gw.connect(users["alice"], "web-01")
+    result = await conn.run(f"disable --reason {shlex.quote(reason)}", encoding=None)
+    assert result.exit_status == 2
+    assert b"printable text of at most 200 characters" in result.stderr
+    assert gw.console("web-01").disabled is None
+
+
+async def test_disable_reason_shown_to_others_is_escaped(gw: Gateway,
+                                                         users: dict[str, User]) -> None:
+    """A reason with escapes (control socket, old state file) reaches others escaped, cut short."""
+    assert gw.daemon is not None
+    gw.daemon.set_disabled("web-01", "\x1b[2Jgone" + "y" * 300, Identity(
+        user="root", fingerprint="", peer="local", session_id="t", local=True))
+    c = await gw.attach(users["bob"], "web-01")
+    assert await c.wait_closed() == 1
+    assert b"\\x1b[2Jgone" in c.err
+    assert b"\x1b" not in c.err
+    assert len(c.err) < 400
+    status = await (await gw.connect(users["alice"], "web-01")).run("status", encoding=None)
+    assert b"\x1b" not in status.stdout
+    assert b"disabled: \\x1b[2Jgone" in status.stdout
+
+
+async def test_logs_follow_is_capped_and_never_starves_reload(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """4 logs -f per user (a 5th is refused, saying so); 12 follows leave reload working."""
+    grants = [(["alice", "bob", "carol"], ["*"], "reader")]
+    async with started(tmp_path, vm, users, grants=grants) as gw:
+        procs = []
+        for name in ("alice", "bob", "carol"):
+            conn = await gw.connect(users[name], "web-01")
+            procs += [await conn.create_process("logs -f", encoding=None) for _ in range(4)]
+            if name == "carol":
+                fifth = await conn.run("logs -f", encoding=None)
+                assert fifth.exit_status == 1
+                assert b"too many follows open (at most 4 per user" in fifth.stderr
+        await wait_for(lambda: sum(commands._follows.values()) == 12)
+        assert gw.daemon is not None
+        async with asyncio.timeout(WAIT):
+            assert await gw.daemon.reload("test")
+        for p in procs:
+            p.stdin.write_eof()
+        async with asyncio.timeout(WAIT):
+            for p in procs:
+                await p.wait_closed()
+        await wait_for(lambda: not commands._follows)
+
+
+async def test_logs_reads_stdin_in_bounded_chunks() -> None:
+    """logs watches stdin for EOF reading at most 4096 bytes at a time, discarding them."""
+    asked: list[int] = []
+    chunks = [b"x" * 4096] * 3 + [b""]
+
+    class Stdin:
+        async def read(self, n: int = -1) -> bytes:
+            asked.append(n)
+            return chunks.pop(0)
+
+    class Process:
+        stdin = Stdin()
+
+    await commands._wait_eof(Process())
+    assert asked == [commands.STDIN_CHUNK] * 4
+    assert commands.STDIN_CHUNK == 4096
+
+
+async def test_max_sessions_per_connection(tmp_path: Path, users: dict[str, User],
+                                           vm: PtyVM) -> None:
+    """A connection holds at most max_sessions session channels; the next is refused, saying so."""
+    async with started(tmp_path, vm, users, extra="[ssh]\nmax_sessions = 3") as gw:
+        conn = await gw.connect(users["carol"], "web-01")
+        procs = [await conn.create_process(encoding=None) for _ in range(3)]
+        with pytest.raises(asyncssh.ChannelOpenError, match="at most 3 sessions per connection"):
+            await conn.create_process(encoding=None)
+        await gw.wait_audit("refused", reason="MaxSessions: 3 sessions open")
+        procs[0].close()
+        await procs[0].wait_closed()
+
+        async def reopened() -> asyncssh.SSHClientProcess[bytes]:
+            while True:
+                try:
+                    return await conn.create_process(encoding=None)
+                except asyncssh.ChannelOpenError:
+                    await asyncio.sleep(0.01)  # the server sees the close a moment later
+
+        async with asyncio.timeout(WAIT):
+            procs[0] = await reopened()
+        for p in procs:
+            p.close()
+
+
+async def test_read_only_session_cannot_break_sysrq_nmi_or_reset(gw: Gateway,
+                                                                 users: dict[str, User],
+                                                                 vm: PtyVM) -> None:
+    """An owner's +ro session is refused BREAK, SysRq, NMI and reset (escapes, SSH break)."""
+    c = await gw.attach(users["alice"], "web-01+ro")
+    await c.wait_out(b"(read-only)")
+    for keys, action in ((b"\x1db", "break"), (b"\x1dsh", "sysrq"), (b"\x1dny", "nmi"),
+                         (b"\x1dry", "reset")):
+        c.send(keys)
+        await c.wait_out(f"read-only session (+ro): {action} not sent".encode())
+        await gw.wait_audit("command", user="alice", action=action, result="refused",
+                            reason="read-only session (+ro)")
+    c.process.channel.send_break(100)
+    await wait_for(lambda: len([e for e in gw.audit_events if e["event"] == "command"
+                                and e.get("action") == "break"]) == 2)
+    assert not [e for e in gw.audit_events if e["event"] == "command" and e["result"] != "refused"]
+    assert b"BREAK sent" not in ring_text(gw, "web-01")
+    await c.close()

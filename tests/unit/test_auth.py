@@ -22,7 +22,7 @@ from serialmux.auth import (
 )
 from serialmux.config import SSHSettings, UserConfig
 from serialmux.errors import ConfigError
-from serialmux.mfa import TotpStore, TotpUnavailable
+from serialmux.mfa import LOCKOUT_FIRST, LOCKOUT_MAX, Throttle, TotpStore, TotpUnavailable
 
 USERS = {n: UserConfig(name=n, keys=()) for n in ("alice", "bob")}
 
@@ -264,3 +264,70 @@ def test_totp_enroll_cli_writes_secret_and_prints_uri(tmp_path: Path) -> None:
     assert (tmp_path / "state/totp/alice").stat().st_mode & 0o777 == 0o600
     missing = CliRunner().invoke(main, ["totp-enroll", "bob", "-c", str(config)])
     assert missing.exit_code == 1
+
+
+@pytest.mark.parametrize(("sig_alg", "accepted"), [("ssh-rsa", False), ("rsa-sha2-256", True),
+                                                   ("rsa-sha2-512", True)])
+def test_sha1_signed_certificate_is_refused(user_key: asyncssh.SSHKey, sig_alg: str,
+                                            accepted: bool) -> None:
+    """A certificate an RSA CA signed with ssh-rsa (SHA-1) is refused; rsa-sha2-* is not."""
+    rsa_ca = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    blob = cert(rsa_ca, user_key, ["alice"], sig_alg=sig_alg)
+    if accepted:
+        assert check(blob, rsa_ca).user == "alice"
+    else:
+        with pytest.raises(CertRefused, match=r"ssh-rsa \(SHA-1\)"):
+            check(blob, rsa_ca)
+
+
+def test_source_address_matches_ipv4_mapped_peer(ca: asyncssh.SSHKey,
+                                                 user_key: asyncssh.SSHKey) -> None:
+    """source-address 10.0.0.0/8 admits ::ffff:10.1.2.3 (a dual-stack IPv4 peer), not others."""
+    blob = cert(ca, user_key, ["alice"], source_address=["10.0.0.0/8"])
+    assert check(blob, ca, peer="::ffff:10.1.2.3").user == "alice"
+    with pytest.raises(CertRefused, match="source-address"):
+        check(blob, ca, peer="::ffff:192.168.0.1")
+
+
+def test_totp_throttle_locks_user_then_doubles_up_to_max() -> None:
+    """3 wrong codes lock the user out 30 s, each further one doubles it, capped at 15 min."""
+    clock = Clock()
+    throttle = Throttle(clock)
+    for _ in range(2):
+        throttle.failed("alice", "10.0.0.1")
+    assert throttle.locked("alice", "10.0.0.2") == 0
+    throttle.failed("alice", "10.0.0.1")
+    assert throttle.locked("alice", "10.0.0.2") == LOCKOUT_FIRST  # any source: the user is locked
+    clock.now += LOCKOUT_FIRST
+    assert throttle.locked("alice", "10.0.0.2") == 0
+    throttle.failed("alice", "10.0.0.2")
+    assert throttle.locked("alice", "10.0.0.3") == 2 * LOCKOUT_FIRST
+    for _ in range(20):
+        throttle.failed("alice", "10.0.0.2")
+    assert throttle.locked("alice", "10.0.0.3") == LOCKOUT_MAX
+    throttle.succeeded("alice")
+    assert throttle.locked("alice", "10.0.0.3") == 0
+
+
+def test_totp_throttle_locks_a_source_across_users() -> None:
+    """Wrong codes for many users from one address lock that address out, not others."""
+    clock = Clock()
+    throttle = Throttle(clock)
+    for user in ("alice", "bob", "carol"):
+        throttle.failed(user, "10.6.6.6")
+    assert throttle.locked("dave", "10.6.6.6") == LOCKOUT_FIRST
+    assert throttle.locked("dave", "10.0.0.1") == 0
+    throttle.succeeded("alice")  # a right code does not clear the source
+    assert throttle.locked("alice", "10.6.6.6") == LOCKOUT_FIRST
+
+
+def test_totp_throttle_one_prompt_per_user() -> None:
+    """A user's second prompt is refused while the first is open, allowed after it ends."""
+    throttle = Throttle(Clock())
+    with throttle.prompting("alice") as first:
+        assert first
+        with throttle.prompting("alice") as second, throttle.prompting("bob") as other:
+            assert not second
+            assert other
+    with throttle.prompting("alice") as again:
+        assert again

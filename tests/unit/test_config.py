@@ -124,3 +124,32 @@ def test_bad_mfa_value_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, body)
     with pytest.raises(ConfigError, match=rf"{path}:14: grants.0.mfa: must be \"totp\""):
         load_config(path)
+
+
+@pytest.mark.parametrize("option", ['from=""', 'from=","', 'from="10.0.0.0/8,"',
+                                    'from="10.0.0.0/8,,!10.0.0.1"', 'from="!"', "from"])
+def test_empty_from_pattern_is_refused(tmp_path: Path, option: str) -> None:
+    """from= with an empty list or an empty pattern is a load error, not "any address"."""
+    keys = tmp_path / "alice.keys"
+    keys.write_text(f"{option} {KEY}\n")
+    path = write(tmp_path, BASE.replace(f'keys = ["{KEY}"]', f'authorized_keys = "{keys}"'))
+    with pytest.raises(ConfigError, match="from= needs a non-empty list"):
+        load_config(path)
+
+
+def test_from_matches_ipv4_mapped_ipv6_peer(tmp_path: Path) -> None:
+    """A dual-stack peer ::ffff:a.b.c.d is matched as a.b.c.d against from=, negation included."""
+    path = write(tmp_path, BASE.replace(f'"{KEY}"', f"'from=\"10.0.0.0/8,!10.9.9.9\" {KEY}'"))
+    key = load_config(path).users["alice"].keys[0]
+    assert key.allows_from("::ffff:10.1.2.3")
+    assert not key.allows_from("::ffff:10.9.9.9")
+    glob = write(tmp_path, BASE.replace(f'"{KEY}"', f"'from=\"192.168.1.*\" {KEY}'"))
+    assert load_config(glob).users["alice"].keys[0].allows_from("::ffff:192.168.1.5")
+
+
+def test_max_sessions_defaults_to_sshd_and_is_configurable(tmp_path: Path) -> None:
+    """[ssh] max_sessions defaults to OpenSSH's 10, can be set, and must be at least 1."""
+    assert load_config(write(tmp_path, BASE)).ssh.max_sessions == 10
+    assert load_config(write(tmp_path, BASE + "[ssh]\nmax_sessions = 3\n")).ssh.max_sessions == 3
+    with pytest.raises(ConfigError, match=r"ssh\.max_sessions"):
+        load_config(write(tmp_path, BASE + "[ssh]\nmax_sessions = 0\n"))

@@ -53,6 +53,14 @@ def test_parse_since_rejects_nonsense() -> None:
         parse_since("25:00", NOW)
 
 
+@pytest.mark.parametrize("text", ["99999999999999999999 days ago", "1000000 weeks ago",
+                                  "9" * 400 + " s ago"])
+def test_parse_since_out_of_range_is_value_error(text: str) -> None:
+    """A --since too far back (or infinite) is a ValueError, not an OverflowError."""
+    with pytest.raises(ValueError, match="too far back"):
+        parse_since(text, NOW)
+
+
 def test_last_n_lines(ring: Path) -> None:
     """lines=N prints exactly the last N lines of output, trimming the first record."""
     w = RingWriter.open(ring, SMALL)

@@ -38,6 +38,7 @@ class FakeQMP:
         self.path = path
         self.mode = mode
         self.status = status
+        self.pty = "pty:/dev/pts/7"  # serial0's filename in query-chardev
         self.commands: list[tuple[str, Any]] = []
         self.connections = 0
         self._changed = asyncio.Event()
@@ -148,7 +149,7 @@ class FakeQMP:
             writer.write(self._line({"return": reply, "id": ident}))
         elif command == "query-chardev":
             chardevs = [
-                {"label": "serial0", "filename": "pty:/dev/pts/7", "frontend-open": True},
+                {"label": "serial0", "filename": self.pty, "frontend-open": True},
                 {"label": "qmp", "filename": "unix:/x/qmp.sock,server=on", "frontend-open": True},
             ]
             writer.write(self._line({"return": chardevs, "id": ident}))
@@ -378,3 +379,16 @@ def test_bad_address_is_rejected() -> None:
     for address in ("/tmp/x.sock", "tcp:host", "tcp:host:http", "unix:", "udp:h:1"):
         with pytest.raises(HypervisorError, match="neither unix:PATH nor tcp:HOST:PORT"):
             Hypervisor("vm1", address)
+
+
+@pytest.mark.parametrize("filename", ["pty:/etc/shadow", "pty:/dev/pts/7/../../sda",
+                                      "pty:/dev/pts/", "pty:/dev/pts/7\n", "pty:/dev/sda"])
+async def test_chardev_pty_outside_dev_pts_is_refused(tmp_path: Path, filename: str) -> None:
+    """chardev_pty returns only /dev/pts/N paths; anything else QMP names is None."""
+    async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
+        hv = hypervisor(fake.path)
+        async with running(hv):
+            assert await hv.wait_connected(PROMPTLY)
+            assert await hv.chardev_pty("serial0") == "/dev/pts/7"
+            fake.pty = filename
+            assert await hv.chardev_pty("serial0") is None
