@@ -207,7 +207,9 @@ def merge(run: Run, path: Path) -> None:
         run.carried.add(f"ring from {date}")
     # A figure carried over again keeps the date it was measured; one measured
     # by this run is no longer "carried" (the old list is not simply added on).
-    first = {c.split(" from ")[0]: c for c in old.get("carried", [])}
+    first: dict[str, str] = {}
+    for c in sorted(old.get("carried", [])):  # ISO dates: the earliest sorts first
+        first.setdefault(c.split(" from ")[0], c)
     run.carried = {first.get(c.split(" from ")[0], c) for c in run.carried}
     run.scale.sort(key=lambda r: (r["n"], r["peer"]))
 
