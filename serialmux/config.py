@@ -23,6 +23,7 @@ from typing import Any
 
 from .configtypes import (
     DEFAULT_BAUD,
+    RING_SYNC_MODES,
     Config,
     DiscoveryConfig,
     Grant,
@@ -163,7 +164,7 @@ class _Loader:
 
 
 _SERVER_KEYS = {"listen", "host_keys", "state_dir", "runtime_dir", "enabled", "stall_timeout",
-                "audit_file", "redact"}
+                "audit_file", "redact", "ring_sync"}
 _SSH_KEYS = {"login_timeout", "max_auth_tries", "max_startups", "penalty_authfail", "penalty_max",
              "keepalive_interval", "keepalive_count_max", "user_ca_keys", "revoked_keys",
              "per_source_max_startups", "max_sessions"}
@@ -309,6 +310,10 @@ def _load_server(ld: _Loader, t: Mapping[str, Any], base: Path) -> ServerConfig:
     state_dir = ld.typed(t, "server", "state_dir", str, None)
     runtime_dir = ld.typed(t, "server", "runtime_dir", str, None)
     audit_file = ld.typed(t, "server", "audit_file", str, None)
+    ring_sync = ld.typed(t, "server", "ring_sync", str, d.ring_sync)
+    if ring_sync not in RING_SYNC_MODES:
+        ld.error("server.ring_sync", f"must be one of {', '.join(RING_SYNC_MODES)}")
+        ring_sync = d.ring_sync
     stall = ld.typed(t, "server", "stall_timeout", (int, float), d.stall_timeout)
     if stall <= 0:
         ld.error("server.stall_timeout", "must be a positive number of seconds")
@@ -321,6 +326,7 @@ def _load_server(ld: _Loader, t: Mapping[str, Any], base: Path) -> ServerConfig:
         stall_timeout=float(stall),
         audit_file=_resolve(base, audit_file) if audit_file else None,
         redact=_load_redact(ld, t, "server"),
+        ring_sync=ring_sync,
     )
 
 

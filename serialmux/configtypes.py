@@ -193,6 +193,9 @@ class SSHSettings:
     max_sessions: int = 10  # sshd MaxSessions: session channels open per connection
 
 
+RING_SYNC_MODES = ("fdatasync", "syncfs")
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The ``[server]`` table."""
@@ -205,6 +208,11 @@ class ServerConfig:
     stall_timeout: float = 60.0
     audit_file: Path | None = None
     redact: tuple[RedactRule, ...] = ()  # applied to every VM
+    # How changed rings are made durable every second: "fdatasync" each ring
+    # (touches nothing else), or "syncfs" once per filesystem from 64 busy rings
+    # on, far cheaper with thousands of consoles but it also flushes every other
+    # dirty file there: only for a state_dir on a filesystem of its own.
+    ring_sync: str = "fdatasync"
 
 
 @dataclass(frozen=True, slots=True)

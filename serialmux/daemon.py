@@ -388,7 +388,8 @@ class Daemon:
                     ring.checkpoint()
                     dirty.append(ring)
             if dirty:
-                await asyncio.to_thread(fdatasync_all, dirty)
+                await asyncio.to_thread(
+                    fdatasync_all, dirty, syncfs=self.config.server.ring_sync == "syncfs")
 
     # -- replay --------------------------------------------------------------------
 

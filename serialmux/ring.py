@@ -361,16 +361,19 @@ def _fsync_dir(path: Path) -> None:
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def fdatasync_all(rings: list[RingWriter]) -> None:
+def fdatasync_all(rings: list[RingWriter], *, syncfs: bool = False) -> None:
     """Make *rings* durable, as each ring's ``fdatasync()`` would (for a worker thread).
 
     Thousands of rings that each changed a little cost thousands of
     ``fdatasync`` calls a second, each a journal check and a disk cache flush;
-    past :data:`SYNCFS_FROM` rings, one ``syncfs`` per filesystem does the same
-    work once. Errors are ignored here as with a failed ``fdatasync``: the
-    ring keeps its older durable position and the next round tries again.
+    with *syncfs* (``[server] ring_sync = "syncfs"``), past :data:`SYNCFS_FROM`
+    rings one ``syncfs`` per filesystem does the same work once. That also
+    flushes every other dirty file on the filesystem (a hypervisor's VM images
+    often live there), so it is opt-in. Errors are ignored here as with a
+    failed ``fdatasync``: the ring keeps its older durable position and the
+    next round tries again.
     """
-    if len(rings) < SYNCFS_FROM:
+    if not syncfs or len(rings) < SYNCFS_FROM:
         for ring in rings:
             with contextlib.suppress(OSError, ValueError):
                 ring.fdatasync()

@@ -153,3 +153,14 @@ def test_max_sessions_defaults_to_sshd_and_is_configurable(tmp_path: Path) -> No
     assert load_config(write(tmp_path, BASE + "[ssh]\nmax_sessions = 3\n")).ssh.max_sessions == 3
     with pytest.raises(ConfigError, match=r"ssh\.max_sessions"):
         load_config(write(tmp_path, BASE + "[ssh]\nmax_sessions = 0\n"))
+
+
+def test_ring_sync_defaults_to_fdatasync_and_rejects_unknown(tmp_path: Path) -> None:
+    """ring_sync is "fdatasync" unless "syncfs" is asked for; anything else names the key."""
+    from serialmux.config import ConfigError, parse_config
+
+    assert parse_config("[server]\n", tmp_path / "a.toml").server.ring_sync == "fdatasync"
+    chosen = parse_config('[server]\nring_sync = "syncfs"\n', tmp_path / "b.toml")
+    assert chosen.server.ring_sync == "syncfs"
+    with pytest.raises(ConfigError, match=r"b\.toml:2: server\.ring_sync: must be one of"):
+        parse_config('[server]\nring_sync = "fsync-always"\n', tmp_path / "b.toml")
