@@ -117,24 +117,16 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
     log.info("reloading", path=str(path), by=who)
     try:
         new = await asyncio.to_thread(load_config, path)
+        # The trust roots follow the file too: a removed CA, a new revoked_keys path or a
+        # changed CA file take effect now (read before anything changes: all or nothing).
+        cas = await asyncio.to_thread(load_cas, new.ssh.user_ca_keys)
     except ConfigError as exc:
         errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
         for error in errors:
             log.error("reload_config_error", path=str(path), error=str(error))
         daemon.audit.event("reload", user=who, path=str(path), result="failed",
-                           reason=f"{len(errors)} configuration error(s); old config kept")
+                           reason=f"{'; '.join(str(e) for e in errors)}; old config kept")
         notifier.ready(f"{daemon.summary()}; reload rejected ({len(errors)} errors), "
-                       "running the previous config")
-        return False
-    try:
-        # The trust roots follow the file too: a removed CA, a new revoked_keys path or a
-        # changed CA file take effect now (read before anything changes: all or nothing).
-        cas = await asyncio.to_thread(load_cas, new.ssh.user_ca_keys)
-    except ConfigError as exc:
-        log.error("reload_config_error", path=str(path), error=str(exc))
-        daemon.audit.event("reload", user=who, path=str(path), result="failed",
-                           reason=f"{exc}; old config kept")
-        notifier.ready(f"{daemon.summary()}; reload rejected (user CA keys unreadable), "
                        "running the previous config")
         return False
     plan = plan_reload(daemon.config, new)
