@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,19 +97,34 @@ class Run:
         finally:
             LIVE.discard(p)
 
+    @contextlib.asynccontextmanager
+    async def _one_console(self, peer: Peer, mode: str, ssh_client: str,
+                           *sim_args: Any) -> AsyncIterator[tuple[Console, Any]]:
+        """One simulated console served by *peer* with a connected, drained client.
+
+        The peer is stopped and the console closed on the way out, whatever happened.
+        """
+        [c] = await self.sim.create(1, mode, *sim_args)
+        con = Console(c["id"], c["path"], "vm0001")
+        try:
+            await peer.start([con])
+            await peer.wait_ready(30)
+            client = await clients.connect(peer.endpoint(con), self.keys, ssh_client)
+            try:
+                await client.drain_quiet()
+                yield con, client
+            finally:
+                await client.close()
+        finally:
+            await self.stop(peer)
+            await self.sim.call("close", ids=[con.id])
+
     # -- 1. throughput -----------------------------------------------------------------------
     async def throughput(self, name: str, ssh_client: str) -> dict[str, Any]:
         nbytes = self.args.bytes
-        [c] = await self.sim.create(1, "flood", nbytes)
-        con = Console(c["id"], c["path"], "vm0001")
         p = self.peer(name)
-        res: dict[str, Any] = {"ok": False}
         try:
-            await p.start([con])
-            await p.wait_ready(30)
-            client = await clients.connect(p.endpoint(con), self.keys, ssh_client)
-            try:
-                await client.drain_quiet()
+            async with self._one_console(p, "flood", ssh_client, nbytes) as (con, client):
                 pids = p.pids()
                 cpu0 = {pid: procstat.cpu_seconds([pid]) for pid in pids}
                 check = checks.Checker(nbytes)
@@ -135,7 +150,7 @@ class Run:
                 t1 = last
                 pids = p.pids()
                 cpu = sum(procstat.cpu_seconds([pid]) - cpu0.get(pid, 0.0) for pid in pids)
-                res = {
+                return {
                     "ok": check.bad_at is None and check.good == nbytes,
                     "mbps": check.good / (t1 - t0) / 1e6,
                     "lost": nbytes - check.good,
@@ -145,27 +160,15 @@ class Run:
                     "rss": procstat.rss_bytes(pids),
                     "bad_at": check.bad_at,
                 }
-            finally:
-                await client.close()
         except (Exception, TimeoutError) as e:
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "stderr": p.tail(300)}
-        finally:
-            await self.stop(p)
-            await self.sim.call("close", ids=[con.id])
-        return res
+            return {"ok": False, "error": f"{type(e).__name__}: {e}", "stderr": p.tail(300)}
 
     # -- 2. keystroke round trip -------------------------------------------------------------
     async def latency(self, name: str, ssh_client: str) -> dict[str, Any]:
         n, warm = self.args.samples, 100
-        [c] = await self.sim.create(1, "echo")
-        con = Console(c["id"], c["path"], "vm0001")
         p = self.peer(name)
         try:
-            await p.start([con])
-            await p.wait_ready(30)
-            client = await clients.connect(p.endpoint(con), self.keys, ssh_client)
-            try:
-                await client.drain_quiet()
+            async with self._one_console(p, "echo", ssh_client) as (_, client):
                 us: list[float] = []
                 wrong = 0
                 deadline = time.perf_counter() + 120
@@ -191,13 +194,8 @@ class Run:
                     "p50": checks.pct(us, 50),
                     "p99": checks.pct(us, 99),
                 }
-            finally:
-                await client.close()
         except (Exception, TimeoutError) as e:
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "stderr": p.tail(300)}
-        finally:
-            await self.stop(p)
-            await self.sim.call("close", ids=[con.id])
 
     # -- 3 + 4. scale and time to ready ------------------------------------------------------
     async def scale_ready(self, name: str, n: int, load: bool) -> dict[str, Any]:
