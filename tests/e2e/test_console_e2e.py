@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +43,6 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.timeout(240),
     pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None,
-        reason="qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)",
-    ),
 ]
 
 BOOT = 60.0  # seconds a boot (or a reboot) may take to reach the ready line under TCG

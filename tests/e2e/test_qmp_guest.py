@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +22,6 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.timeout(180),
     pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None,
-        reason="qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)",
-    ),
 ]
 
 
