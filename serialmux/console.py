@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 BACKLOG_SIZE = 256 * 1024
+#: Flow control: the port stops being read while the writer is this far behind...
+FLOW_PAUSE_AT = BACKLOG_SIZE // 4
+#: ...until it is back within this much...
+FLOW_RESUME_AT = BACKLOG_SIZE // 8
+#: ...or for at most this long (s): a writer that takes nothing is skipped, not waited for.
+FLOW_PAUSE_MAX = 2.0
 
 
 class Backlog:
@@ -149,9 +155,17 @@ class Attachment:
     # Called when a new writer displaces this one; the session closes.
     on_displaced: Callable[[str], None] = lambda text: None
     on_closed: Callable[[str], None] = lambda text: None
+    # Called by the console (loop thread) with each chunk of output and the backlog
+    # offset it starts at, before any waiting reader wakes: a session that is
+    # caught up writes it to its client at once (one loop turn less per echo).
+    on_data: Callable[[int, bytes], None] = lambda offset, data: None
     bytes_in: int = 0
     bytes_out: int = 0
     last_input: float = field(default_factory=time.monotonic)
+    # The backlog offset this session has read up to (reported by Console.consumed).
+    cursor: int = 0
+    # Whether the port waits for this writer (it kept up with live output; see Console).
+    flow: bool = False
 
 
 class ConsoleBusy(AccessDenied):
@@ -182,6 +196,7 @@ class Console:
         self._tasks: asyncio.TaskGroup | None = None
         self.redactor = Redactor(vm.redact) if vm.redact else None
         self._redact_timer: asyncio.TimerHandle | None = None
+        self._flow_timer: asyncio.TimerHandle | None = None  # set while the port waits
 
     # -- PortSink ---------------------------------------------------------------
 
@@ -202,7 +217,57 @@ class Console:
                     self._arm_redact_flush()
             except (RingError, OSError) as exc:
                 self._ring_failed(exc)
+        start = self.backlog.end
         self.backlog.append(data)
+        writer = self.writer
+        if writer is not None:
+            writer.on_data(start, data)
+            if writer.flow and self._flow_timer is None \
+                    and self.backlog.end - writer.cursor >= FLOW_PAUSE_AT:
+                self._flow_pause()
+        for watcher in self.watchers:
+            watcher.on_data(start, data)
+
+    # -- flow control -------------------------------------------------------------
+    #
+    # A serial line with flow control: while the writer's client keeps up, the
+    # port is read only as fast as it takes the output, so a guest printing
+    # faster than the client reads (a flood, far above any baud rate) waits in
+    # its PTY instead of the client skipping output. The ring gets every byte
+    # either way. Only the writer counts (watchers never slow the VM), only
+    # once it has caught up with live output, and only for FLOW_PAUSE_MAX at a
+    # time: a client that stops reading is skipped ahead as before, and is
+    # waited for again only once it has caught up.
+
+    @property
+    def flow_paused(self) -> bool:
+        """Whether the port is waiting for the writer now (flow control)."""
+        return self._flow_timer is not None
+
+    def consumed(self, att: Attachment, offset: int) -> None:
+        """A session read the backlog up to *offset* (loop thread)."""
+        att.cursor = offset
+        if offset >= self.backlog.end:
+            att.flow = True
+        if self._flow_timer is not None and att is self.writer \
+                and self.backlog.end - offset <= FLOW_RESUME_AT:
+            self._flow_resume()
+
+    def _flow_pause(self) -> None:
+        self._flow_timer = asyncio.get_running_loop().call_later(FLOW_PAUSE_MAX,
+                                                                 self._flow_give_up)
+        self.port.pause_reading(True)
+
+    def _flow_give_up(self) -> None:
+        if self.writer is not None:
+            self.writer.flow = False  # until it catches up again
+        self._flow_resume()
+
+    def _flow_resume(self) -> None:
+        if self._flow_timer is not None:
+            self._flow_timer.cancel()
+            self._flow_timer = None
+            self.port.pause_reading(False)
 
     def _ring_failed(self, exc: Exception) -> None:
         # A full or failing disk must not take the live console down with it:
@@ -232,6 +297,7 @@ class Console:
 
     def port_up(self, description: str) -> None:
         """The port opened: mark it and tell everyone attached."""
+        self._flow_resume()  # a new port starts reading
         self.up = True
         self.down_reason = None
         self.state_since = utc_now()
@@ -279,6 +345,8 @@ class Console:
                 f"{old.identity.peer_host} since {old.since_text}; not taking over (+safe)",
                 user=att.identity.user, vm=self.name)
         self.writer = att
+        att.cursor = self.backlog.end
+        self._flow_resume()  # the port waited for the old writer, if for anyone
         self.backlog.hold(True)
         if old is None:
             self._marker("ATTACH", f"{att.identity.user} attached", user=att.identity.user)
@@ -298,6 +366,7 @@ class Console:
         """Remove *att*; sends ``on_detach`` to the guest if it was the writer."""
         if att is self.writer:
             self.writer = None
+            self._flow_resume()
             self._marker("DETACH", f"{att.identity.user} detached ({reason})",
                          user=att.identity.user)
             self._writer_left(att, reason)

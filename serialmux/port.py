@@ -31,6 +31,7 @@ import serial
 import serial_asyncio_fast
 
 from .config import PortKind, PortSpec, VMConfig
+from .floodread import FULL_READ, FloodReader
 from .log import get_logger
 
 log = get_logger(__name__)
@@ -42,7 +43,7 @@ BACKOFF_MAX = 5.0
 STABLE_AFTER = 2.0  # an open that lasted this long resets the backoff
 BREAK_SECONDS = 0.25
 # The most one read of a PTY or tty returns (N_TTY's 4 KiB buffer, less one).
-N_TTY_READ = 4095
+N_TTY_READ = FULL_READ
 
 IAC, BRK, SB, SE = 0xFF, 0xF3, 0xFA, 0xF0
 WILL, WONT, DO, DONT = 0xFB, 0xFC, 0xFD, 0xFE
@@ -183,22 +184,67 @@ class _PortProtocol(asyncio.Protocol):
         self._can_write = asyncio.Event()
         self._can_write.set()
         self.transport: asyncio.BaseTransport | None = None
+        self._flood: FloodReader | None = None
+        self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self._deliver(data)
+        if len(data) < FULL_READ or self._flood is not None or self._paused \
+                or not FloodReader.available():
+            return
+        transport = self.transport
+        if isinstance(transport, serial_asyncio_fast.SerialTransport) \
+                and transport.serial is not None and not self.closed.done():
+            # The guest prints faster than a loop turn drains the tty: read it in a
+            # thread until it goes quiet (see serialmux.floodread).
+            transport.pause_reading()
+            self._flood = FloodReader(asyncio.get_running_loop(), transport.serial.fileno(),
+                                      self._deliver, self._flood_ended,
+                                      name=self._port.vm.name)
+
+    def _deliver(self, data: bytes) -> None:
         if self._decoder is not None:
             data = self._decoder.feed(data)
             if not data:
                 return
         self._port.sink.port_data(data)
 
+    def _flood_ended(self) -> None:
+        self._flood = None
+        transport = self.transport
+        if isinstance(transport, serial_asyncio_fast.SerialTransport) and not self.closed.done() \
+                and not self._paused:
+            transport.resume_reading()
+
+    def pause(self, paused: bool) -> None:
+        """Stop or restart reading the port (flow control); bytes wait in the VM's port."""
+        if paused == self._paused or self.closed.done():
+            return
+        self._paused = paused
+        if self._flood is not None:
+            self._flood.pause(paused)
+        elif isinstance(self.transport, asyncio.ReadTransport):
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def stop_flood(self) -> FloodReader | None:
+        """Stop a flood thread reading this port, if any; return it (to wait for it)."""
+        flood, self._flood = self._flood, None
+        if flood is not None:
+            flood.stop()
+        return flood
+
     def eof_received(self) -> bool | None:
         self._finish("end of file")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_flood()
         self._finish(_describe(exc) if exc else "closed")
         self._can_write.set()
 
@@ -253,6 +299,15 @@ class VMPort:
         """Whether the port is open now."""
         return self._protocol is not None and not self._protocol.closed.done()
 
+    def pause_reading(self, paused: bool) -> None:
+        """Stop (True) or restart (False) reading the open port: the console's flow control.
+
+        The VM's bytes wait in its PTY or socket meanwhile, as on a serial line
+        with flow control. A port opened again starts reading.
+        """
+        if self._protocol is not None:
+            self._protocol.pause(paused)
+
     def retry_now(self) -> None:
         """Skip the current backoff wait (e.g. the hypervisor says the VM started)."""
         self._retry_now.set()
@@ -289,6 +344,9 @@ class VMPort:
                     self._protocol = None
                     if protocol.transport is not None:
                         protocol.transport.close()
+                    flood = protocol.stop_flood()
+                    if flood is not None:
+                        await flood.wait_stopped()
                 self.sink.port_down(reason)
                 log.info("port_lost", vm=self.vm.name, port=self.description, reason=reason)
                 if loop.time() - started >= STABLE_AFTER:

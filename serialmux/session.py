@@ -197,7 +197,7 @@ class Session:
         self._writable = writable
         self.att = Attachment(identity=identity, writer=writer, safe=request.safe,
                               on_notice=self._on_notice, on_displaced=self._on_displaced,
-                              on_closed=self._on_closed)
+                              on_closed=self._on_closed, on_data=self._on_data)
         self.parser = EscapeParser() if interactive else None
         self.offset = console.backlog.end
         self._notices: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
@@ -322,12 +322,29 @@ class Session:
             if self._notices:
                 limit = min(limit, self._notices[0][0] - self.offset)
             skipped, data, self.offset = backlog.read(self.offset, limit)
+            self.console.consumed(self.att, self.offset)
             if skipped:
                 self._say(f"{skipped} bytes skipped; see logs")
             if data:
                 self.att.bytes_out += len(data)
                 stdout.write(data)
                 await self._drain()
+
+    def _on_data(self, offset: int, data: bytes) -> None:
+        """Output at backlog *offset*: write it now if the pump is idle at exactly there.
+
+        Only when nothing is queued before it (notices, unsent channel data, a
+        paused transport); otherwise the pump, about to wake, sends it in order.
+        """
+        if not self._pump_idle or offset != self.offset or self._notices \
+                or not self._writable.is_set() \
+                or (self._buffered is not None and self._buffered()):
+            return
+        self.offset = offset + len(data)
+        self.att.bytes_out += len(data)
+        with contextlib.suppress(OSError, asyncssh.Error):
+            self.process.stdout.write(data)
+        self.console.consumed(self.att, self.offset)
 
     async def _write_drained(self, data: bytes) -> None:
         self.process.stdout.write(data)

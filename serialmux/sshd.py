@@ -50,6 +50,9 @@ ENCRYPTION_ALGS = ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com",
                    "aes128-gcm@openssh.com", "aes256-ctr", "aes128-ctr"]
 MAC_ALGS = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com",
             "umac-128-etm@openssh.com"]
+_MSG_IGNORE = 2
+_EMPTY_STRING = b"\0\0\0\0"
+
 SIG_ALGS = ["ssh-ed25519", "sk-ssh-ed25519@openssh.com", "ecdsa-sha2-nistp256",
             "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ecdsa-sha2-nistp256@openssh.com",
             "rsa-sha2-512", "rsa-sha2-256"]
@@ -72,6 +75,26 @@ def ensure_host_key(path: Path) -> asyncssh.SSHKey:
     except (OSError, asyncssh.KeyImportError) as exc:
         raise ConfigError(f"cannot load host key: {exc}", path=str(path),
                           key="server.host_keys") from exc
+
+
+def _without_cbc_ignores(send_packet: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a connection's ``send_packet`` to drop asyncssh's empty ``MSG_IGNORE`` packets.
+
+    asyncssh sends an empty ``SSH_MSG_IGNORE`` before every packet once
+    encryption is on: the CBC-mode countermeasure of RFC 4251 section 9.3.1
+    (it makes the next CBC IV unpredictable). serialmux offers no CBC cipher
+    (AEAD, or CTR with encrypt-then-MAC only, see :data:`ENCRYPTION_ALGS`), so
+    those packets protect nothing here, and they doubled the packets, the
+    encryptions and the ``write`` calls of every console chunk and echo. An
+    empty ignore right before a real packet hides neither timing nor size.
+    """
+
+    def send(pkttype: int, *args: bytes, handler: Any = None) -> None:
+        if pkttype == _MSG_IGNORE and args == (_EMPTY_STRING,):
+            return
+        send_packet(pkttype, *args, handler=handler)
+
+    return send
 
 
 class GatewayServer(asyncssh.SSHServer):
@@ -108,6 +131,7 @@ class GatewayServer(asyncssh.SSHServer):
         # grow without bound. Hook the callbacks so session pumps can wait.
         conn.pause_writing = self.writable.clear  # type: ignore[method-assign]
         conn.resume_writing = self.writable.set  # type: ignore[method-assign]
+        conn.send_packet = _without_cbc_ignores(conn.send_packet)  # type: ignore[method-assign]
         # MaxStartups / PerSourceMaxStartups / PerSourcePenalties, before the handshake.
         gate = self._daemon.gate
         gate.settings = self._daemon.config.ssh  # follow a reload

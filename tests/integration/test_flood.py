@@ -1,0 +1,195 @@
+"""A guest that prints faster than any client reads: flood reading and flow control."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+
+import asyncssh
+import pytest
+
+from serialmux import console as console_mod
+from serialmux.floodread import FloodReader
+from serialmux.ring import Record, RecordKind, RingReader
+from tests.support import WAIT, Gateway, PtyVM, User
+
+
+def _payload(lines: int, fill: str = "f") -> bytes:
+    return b"".join(f"{i:07d} {fill * 71}\n".encode() for i in range(lines))
+
+
+class _Collect(asyncssh.SSHClientSession[bytes]):
+    """A raw client session that records stdout and stderr."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        self.changed = asyncio.Event()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        (self.err if datatype == asyncssh.EXTENDED_DATA_STDERR else self.out).extend(data)
+        self.changed.set()
+
+    async def wait_out_end(self, tail: bytes) -> None:
+        async with asyncio.timeout(WAIT * 3):
+            while not self.out.endswith(tail):
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def _writer(gw: Gateway, user: User, *, window: int = 2 * 1024 * 1024
+                  ) -> tuple[asyncssh.SSHClientChannel[bytes], _Collect]:
+    conn = await gw.connect(user, "web-01+replay=0")
+    chan, session = await conn.create_session(_Collect, subsystem="console", encoding=None,
+                                              window=window)
+    await gw.wait_audit("attach", user=user.name)
+    return chan, session
+
+
+async def _caught_up(gw: Gateway, session: _Collect, vm: PtyVM) -> None:
+    """Print one line and wait for it: the writer has kept up with live output once."""
+    vm.write(b"ready\n")
+    await session.wait_out_end(b"ready\n")
+    assert gw.console("web-01").writer.flow
+
+
+async def test_flood_is_read_in_a_thread_and_arrives_whole(gw: Gateway, users: dict[str, User],
+                                                           vm: PtyVM) -> None:
+    """A guest flooding its PTY is read by a flood thread; the writer gets every byte in
+    order, the ring the newest part exactly, and the thread ends when the flood does."""
+    chan, session = await _writer(gw, users["alice"])
+    await _caught_up(gw, session, vm)
+    started = FloodReader.started
+    payload = _payload(100_000)  # 8 MB, far beyond N_TTY's 4 KiB a read
+    console = gw.console("web-01")
+    seq_before = console.ring.next_seq
+    await vm.send(payload, timeout=120)
+    await session.wait_out_end(payload[-80:])
+    assert bytes(session.out) == b"ready\n" + payload
+    assert b"skipped" not in session.err
+    assert FloodReader.started > started
+    with RingReader(console.ring.path) as reader:
+        got = b"".join(r.payload for r in reader.records(seq_before)
+                       if isinstance(r, Record) and r.kind is RecordKind.OUTPUT)
+    assert len(got) > 900_000
+    assert got == payload[-len(got):]
+    async with asyncio.timeout(WAIT):  # quiet for floodread.IDLE: the loop reads again
+        while FloodReader.active:
+            await asyncio.sleep(0.02)
+    vm.write(b"after the flood\n")
+    await session.wait_out_end(b"after the flood\n")
+    chan.close()
+
+
+async def test_port_waits_for_a_writer_that_keeps_up(gw: Gateway, users: dict[str, User],
+                                                     vm: PtyVM) -> None:
+    """While the writer's client is briefly behind, the port is not read (the guest waits,
+    as on a serial line with flow control) and the writer misses nothing."""
+    chan, session = await _writer(gw, users["alice"], window=64 * 1024)
+    await _caught_up(gw, session, vm)
+    console = gw.console("web-01")
+    chan.pause_reading()
+    payload = _payload(12_000)  # ~1 MB: four times the backlog
+    sending = asyncio.ensure_future(vm.send(payload, timeout=60))
+    try:
+        async with asyncio.timeout(WAIT):
+            while not console.flow_paused:
+                await console.backlog.wait_beyond(console.backlog.end)
+        assert console.bytes_read < len(payload)
+        chan.resume_reading()
+        await session.wait_out_end(payload[-80:])
+        await sending
+    finally:
+        sending.cancel()
+    assert bytes(session.out) == b"ready\n" + payload
+    assert b"skipped" not in session.err
+    assert not console.flow_paused
+    chan.close()
+
+
+async def test_a_writer_that_stops_reading_is_skipped_not_waited_for(
+        gw: Gateway, users: dict[str, User], vm: PtyVM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flow control waits for a stalled writer only FLOW_PAUSE_MAX: then the port is read
+    on (the ring gets everything) and the writer is told what it skipped."""
+    monkeypatch.setattr(console_mod, "FLOW_PAUSE_MAX", 0.3)
+    chan, session = await _writer(gw, users["alice"], window=64 * 1024)
+    await _caught_up(gw, session, vm)
+    console = gw.console("web-01")
+    chan.pause_reading()
+    payload = _payload(12_000)
+    await vm.send(payload, timeout=60)  # completes only because the port stopped waiting
+    async with asyncio.timeout(WAIT):
+        while console.bytes_read < len(b"ready\n") + len(payload):
+            await console.backlog.wait_beyond(console.backlog.end)
+    assert not console.writer.flow  # not waited for again until it catches up
+    chan.resume_reading()
+    async with asyncio.timeout(WAIT):
+        while not re.search(rb"serialmux: \d+ bytes skipped; see logs", session.err):
+            session.changed.clear()
+            await session.changed.wait()
+    await session.wait_out_end(payload[-80:])
+    skipped = int(re.search(rb"(\d+) bytes skipped", session.err).group(1))
+    assert len(session.out) + skipped == len(b"ready\n") + len(payload)
+    chan.close()
+
+
+async def test_watchers_never_hold_the_port(gw: Gateway, users: dict[str, User],
+                                            vm: PtyVM) -> None:
+    """A read-only watcher that stops reading never pauses the port: it skips ahead."""
+    conn = await gw.connect(users["carol"], "web-01+replay=0")
+    chan, session = await conn.create_session(_Collect, subsystem="console", encoding=None,
+                                              window=64 * 1024)
+    await gw.wait_audit("attach", user="carol")
+    vm.write(b"ready\n")
+    await session.wait_out_end(b"ready\n")
+    chan.pause_reading()
+    console = gw.console("web-01")
+    payload = _payload(12_000)
+    await vm.send(payload, timeout=60)
+    async with asyncio.timeout(WAIT):
+        while console.bytes_read < len(b"ready\n") + len(payload):
+            await console.backlog.wait_beyond(console.backlog.end)
+    assert not console.flow_paused
+    chan.close()
+
+
+async def test_stopping_mid_flood_ends_the_thread(gw: Gateway, users: dict[str, User],
+                                                  vm: PtyVM) -> None:
+    """Stopping the daemon while a guest floods ends the flood thread and closes its fd."""
+    _chan, session = await _writer(gw, users["alice"])
+    await _caught_up(gw, session, vm)
+    flooding = asyncio.ensure_future(vm.send(_payload(1_000_000), timeout=120))  # endless
+    try:
+        async with asyncio.timeout(WAIT):
+            while not FloodReader.active:
+                await asyncio.sleep(0.01)
+        await gw.stop()
+    finally:
+        flooding.cancel()
+    assert FloodReader.active == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("serialmux-")]
+
+
+async def test_no_cbc_era_ignore_packets(gw: Gateway, users: dict[str, User], vm: PtyVM,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server sends no empty SSH_MSG_IGNORE before each packet (asyncssh's CBC
+    countermeasure; no CBC cipher is offered): one packet per chunk of output."""
+    from asyncssh.connection import SSHClientConnection, SSHConnection
+
+    ignores = 0
+    original = SSHConnection._packet_handlers[2]  # MSG_IGNORE
+
+    def counting(self: SSHConnection, *args: object) -> None:
+        nonlocal ignores
+        if isinstance(self, SSHClientConnection):  # received from the server
+            ignores += 1
+        original(self, *args)
+
+    monkeypatch.setitem(SSHConnection._packet_handlers, 2, counting)
+    chan, session = await _writer(gw, users["alice"])
+    for i in range(20):
+        vm.write(f"line {i}\n".encode())
+        await session.wait_out_end(f"line {i}\n".encode())
+    assert ignores == 0
+    chan.close()
