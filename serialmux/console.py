@@ -86,7 +86,8 @@ class Backlog:
         if self._buf is None:  # nobody attached: count, keep nothing
             self.end += n
             self._held_from = self.end
-            self._wake()
+            if self._waiters:
+                self._wake()
             return
         if n > self._cap:  # only the newest capacity bytes can be kept
             self.end += n - self._cap
@@ -225,8 +226,9 @@ class Console:
             if writer.flow and self._flow_timer is None \
                     and self.backlog.end - writer.cursor >= FLOW_PAUSE_AT:
                 self._flow_pause()
-        for watcher in self.watchers:
-            watcher.on_data(start, data)
+        if self.watchers:
+            for watcher in self.watchers:
+                watcher.on_data(start, data)
 
     # -- flow control -------------------------------------------------------------
     #
@@ -419,6 +421,14 @@ class Console:
         """Tell every attached session *text* and close it (shutdown, disable)."""
         for att in self.attachments:
             att.on_closed(text)
+
+    def write_now(self, att: Attachment, data: bytes) -> bool:
+        """Write *data* typed by *att* if it is the writer and the port takes it now, else False."""
+        if att is not self.writer or not self.port.write_now(data):
+            return False
+        att.bytes_in += len(data)
+        att.last_input = time.monotonic()
+        return True
 
     async def write(self, att: Attachment, data: bytes) -> bool:
         """Write *data* typed by *att* to the guest; False if *att* may not or the port is down."""

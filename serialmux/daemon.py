@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 SHUTDOWN_GRACE = 5.0
+CHECKPOINT_ROUNDS = 10  # a changing ring writes its checkpoint every 10th sync round
 PORT_TRY_TIMEOUT = 5.0
 REPLAY_BATCH = 64 * 1024
 
@@ -376,16 +377,25 @@ class Daemon:
                 console.ring = None
 
     async def _sync_rings(self) -> None:
-        """Checkpoint and fdatasync the rings that changed, every SYNC_INTERVAL."""
+        """Fdatasync the rings that changed, every SYNC_INTERVAL; checkpoint them now and then.
+
+        The sync is the power-cut promise (at most SYNC_INTERVAL lost). A
+        checkpoint is only a hint that keeps recovery's scan short: each ring
+        writes one every CHECKPOINT_ROUNDS rounds at most, its turn spread by
+        its place in the list (5000 header writes a second were 3 % of a core).
+        """
         last: dict[str, int] = {}
+        rounds = 0
         while True:
             await asyncio.sleep(SYNC_INTERVAL)
+            rounds += 1
             dirty = []
-            for name, console in self.consoles.items():
+            for i, (name, console) in enumerate(self.consoles.items()):
                 ring = console.ring
                 if ring is not None and last.get(name) != ring.next_seq:
                     last[name] = ring.next_seq
-                    ring.checkpoint()
+                    if (i + rounds) % CHECKPOINT_ROUNDS == 0:
+                        ring.checkpoint()
                     dirty.append(ring)
             if dirty:
                 await asyncio.to_thread(

@@ -151,6 +151,10 @@ class EscapeParser:
         """True while in the middle of an escape sequence (its next byte is not for the VM)."""
         return self._state is not _State.NORMAL
 
+    def passes(self, data: bytes) -> bool:
+        """True if ``feed(data)`` would return ``[data]`` (and change nothing): plain typing."""
+        return self._state is _State.NORMAL and bool(data) and data.find(self._escape) < 0
+
     def feed(self, data: bytes) -> list[Event]:
         """Parse one chunk; return its events in order, adjacent pass-through bytes joined.
 

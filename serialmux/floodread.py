@@ -63,10 +63,11 @@ STOP_TIMEOUT = 2.0
 class FloodReader:
     """One flood: a thread reading *fd* until it goes quiet, delivering in the loop thread.
 
-    *deliver* is called in the loop thread with each batch, in order, never
-    empty. *done* is called in the loop thread once the thread has ended and
-    every byte it read was delivered; the caller then resumes its own reading
-    (unless it called :meth:`stop`).
+    The fd is duplicated at once; :meth:`start` starts reading. *deliver* is
+    called in the loop thread with each batch, in order, never empty. *done*
+    is called in the loop thread once the thread has ended and every byte it
+    read was delivered; the caller then resumes its own reading (unless it
+    called :meth:`stop`).
     """
 
     active: ClassVar[int] = 0  # flood threads running now (loop thread only)
@@ -88,9 +89,16 @@ class FloodReader:
         self.finished: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(target=self._run, name=f"serialmux-{name}",
                                         daemon=True)
+
+    def start(self) -> None:
+        """Start the thread (the caller has stopped its own reading); raises if it cannot."""
+        try:
+            self._thread.start()
+        except BaseException:
+            os.close(self._fd)
+            raise
         FloodReader.active += 1
         FloodReader.started += 1
-        self._thread.start()
 
     @classmethod
     def available(cls) -> bool:

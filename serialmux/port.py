@@ -191,19 +191,34 @@ class _PortProtocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self._deliver(data)
+        if self._decoder is None:  # every chunk of every console: one call less
+            self._port.sink.port_data(data)
+        else:
+            self._deliver(data)
         if len(data) < FULL_READ or self._flood is not None or self._paused \
                 or not FloodReader.available():
             return
         transport = self.transport
         if isinstance(transport, serial_asyncio_fast.SerialTransport) \
                 and transport.serial is not None and not self.closed.done():
-            # The guest prints faster than a loop turn drains the tty: read it in a
-            # thread until it goes quiet (see serialmux.floodread).
+            self._start_flood(transport, transport.serial.fileno())
+
+    def _start_flood(self, transport: serial_asyncio_fast.SerialTransport, fd: int) -> None:
+        """The guest prints faster than a loop turn drains the tty: read it in a thread
+        until it goes quiet (see :mod:`serialmux.floodread`)."""
+        try:
+            flood = FloodReader(asyncio.get_running_loop(), fd, self._deliver,
+                                self._flood_ended, name=self._port.vm.name)
             transport.pause_reading()
-            self._flood = FloodReader(asyncio.get_running_loop(), transport.serial.fileno(),
-                                      self._deliver, self._flood_ended,
-                                      name=self._port.vm.name)
+            try:
+                flood.start()
+            except BaseException:
+                transport.resume_reading()
+                raise
+        except (OSError, RuntimeError) as exc:  # out of fds or threads: the loop reads on
+            log.warning("flood_thread_failed", vm=self._port.vm.name, error=str(exc))
+            return
+        self._flood = flood
 
     def _deliver(self, data: bytes) -> None:
         if self._decoder is not None:
@@ -253,6 +268,11 @@ class _PortProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._can_write.set()
+
+    @property
+    def writable(self) -> bool:
+        """Whether the transport takes more now (its buffer is below the high-water mark)."""
+        return self._can_write.is_set()
 
     async def wait_writable(self) -> None:
         await self._can_write.wait()
@@ -432,6 +452,16 @@ class VMPort:
                     leftover.transport.close()
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+    def write_now(self, data: bytes) -> bool:
+        """Send *data* to the guest if the port is up and takes it now; else False, nothing sent."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.closed.done() \
+                or not protocol.writable:
+            return False
+        transport: Any = protocol.transport
+        transport.write(telnet_encode(data) if self.spec.telnet else data)
+        return True
 
     async def write(self, data: bytes) -> bool:
         """Send *data* to the guest; wait while the port's buffer is full. False if down."""

@@ -60,7 +60,6 @@ from serialmux.ringfile import (
     _open_flags,
     _os_error,
     _RingFile,
-    _span,
 )
 from serialmux.ringreader import RingReader, Skipped
 
@@ -77,6 +76,7 @@ __all__ = [
 ]
 
 DEFAULT_RING_SIZE: Final = 1 << 20
+_OUTPUT: Final = int(RecordKind.OUTPUT)
 #: Seconds between the daemon's ``sync()`` calls: the most a power cut can lose.
 SYNC_INTERVAL: Final = 1.0
 #: From this many dirty rings on, :func:`fdatasync_all` makes one ``syncfs``
@@ -133,6 +133,7 @@ class RingWriter(_RingFile):
         self._durable = (HEADER_SIZE, 1, 0, 0)  # position as of the last fdatasync
         self._wrap_seq = 0  # next_seq when the last wrap wrote its own checkpoint
         self._sync_create = True  # fsync a newly created ring (and its directory) at once
+        self.dev = -1  # st_dev of the file, set by open()
 
     @classmethod
     def open(cls, path: Path, size: int = DEFAULT_RING_SIZE, *,
@@ -170,6 +171,7 @@ class RingWriter(_RingFile):
         st = os.fstat(self._fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
+        self.dev = st.st_dev  # the filesystem: fdatasync_all groups rings by it
         if created or st.st_size == 0:
             self._initialise(size)
             return
@@ -235,11 +237,15 @@ class RingWriter(_RingFile):
 
     def append(self, data: bytes | bytearray | memoryview, *, time_ns: int | None = None) -> int:
         """Append guest output as OUTPUT record(s); return the last seq (next_seq-1 if empty)."""
-        view = memoryview(data).cast("B")
         t = time.time_ns() if time_ns is None else time_ns
         step = self._max_payload
+        if isinstance(data, bytes) and 0 < len(data) <= step:  # the usual chunk: one record
+            self._write(_OUTPUT, data, t)
+            self.bytes_written += len(data)
+            return self._seq - 1
+        view = memoryview(data).cast("B")
         for start in range(0, len(view), step):
-            self._write(RecordKind.OUTPUT, view[start : start + step], t)
+            self._write(_OUTPUT, view[start : start + step], t)
         self.bytes_written += len(view)
         return self._seq - 1
 
@@ -256,9 +262,9 @@ class RingWriter(_RingFile):
         self._write(kind, memoryview(payload), time.time_ns() if time_ns is None else time_ns)
         return self._seq - 1
 
-    def _write(self, kind: int, payload: memoryview, time_ns: int) -> None:
+    def _write(self, kind: int, payload: bytes | memoryview, time_ns: int) -> None:
         length = len(payload)
-        span = _span(length)
+        span = REC_HEADER + ((length + ALIGN - 1) & ~(ALIGN - 1))  # _span(), inlined: every chunk
         off = self._off
         wrapped = off + span > self.size
         try:
@@ -380,11 +386,8 @@ def fdatasync_all(rings: list[RingWriter], *, syncfs: bool = False) -> None:
         return
     by_dev: dict[int, list[tuple[RingWriter, tuple[int, int, int, int]]]] = {}
     for ring in rings:
-        try:
-            dev = os.fstat(ring._fd).st_dev
-        except (OSError, ValueError):
-            continue  # closed meanwhile
-        by_dev.setdefault(dev, []).append((ring, ring._position()))
+        if ring._fd >= 0:  # not closed meanwhile
+            by_dev.setdefault(ring.dev, []).append((ring, ring._position()))
     for group in by_dev.values():
         if group[0][0]._syncfs():
             for ring, pos in group:

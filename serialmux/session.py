@@ -202,6 +202,8 @@ class Session:
         self.offset = console.backlog.end
         self._notices: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
         self._pump_idle = False
+        self._kick: asyncio.Future[None] | None = None  # set while the pump is idle
+        self._in_idle = False  # the input pump waits on an empty stdin buffer
         self._done = asyncio.Event()
         self._end_reason = "client closed"
         self._status = 0
@@ -312,11 +314,15 @@ class Session:
                 self._say(self._notices.popleft()[1])
                 continue
             if backlog.end <= self.offset:
+                # Idle at the live end: _on_data writes new output straight away,
+                # or wakes this pump when it cannot (something is queued before it).
+                self._kick = asyncio.get_running_loop().create_future()
                 self._pump_idle = True
                 try:
-                    await backlog.wait_beyond(self.offset)
+                    await self._kick
                 finally:
                     self._pump_idle = False
+                    self._kick = None
                 continue
             limit = CHUNK
             if self._notices:
@@ -334,11 +340,15 @@ class Session:
         """Output at backlog *offset*: write it now if the pump is idle at exactly there.
 
         Only when nothing is queued before it (notices, unsent channel data, a
-        paused transport); otherwise the pump, about to wake, sends it in order.
+        paused transport); otherwise wake the pump, which sends it in order.
+        Called for every chunk the console appends (loop thread).
         """
         if not self._pump_idle or offset != self.offset or self._notices \
                 or not self._writable.is_set() \
                 or (self._buffered is not None and self._buffered()):
+            kick = self._kick
+            if kick is not None and not kick.done():
+                kick.set_result(None)
             return
         self.offset = offset + len(data)
         self.att.bytes_out += len(data)
@@ -390,11 +400,45 @@ class Session:
 
     # -- client → console ----------------------------------------------------------
 
+    def _hook_input(self) -> None:
+        """Send plain typing to the port as it arrives, not a loop turn later from the pump.
+
+        asyncssh hands each packet of channel data to ``process.data_received``,
+        which buffers it for ``stdin.read()``. While the pump waits on an empty
+        buffer, typing that needs nothing but the port (no escape, port up and
+        not full, this session the writer) is written at once; anything else,
+        and everything after it until the pump is waiting again, takes the
+        pump's path, in order.
+        """
+        buffered = self.process.data_received
+
+        def data_received(data: bytes, datatype: asyncssh.DataType) -> None:
+            if datatype is None and self._in_idle and isinstance(data, bytes) \
+                    and (self.parser is None or self.parser.passes(data)) \
+                    and self.console.write_now(self.att, data):
+                return
+            self._in_idle = False
+            buffered(data, datatype)
+
+        self.process.data_received = data_received  # type: ignore[method-assign]
+
+    async def _next_input(self, stdin: asyncssh.SSHReader[bytes]) -> bytes:
+        # Idle only while suspended in read() (it returns at once when data is
+        # buffered), and no longer once it returns or raises (a BREAK is handled
+        # next, and typing after it must wait for it).
+        self._in_idle = True
+        try:
+            return await stdin.read(CHUNK)
+        finally:
+            self._in_idle = False
+
     async def _pump_in(self) -> None:
         stdin = self.process.stdin
+        if self.att.writer and isinstance(self.process, asyncssh.SSHServerProcess):
+            self._hook_input()  # not for a local attach (serialmux attach over the socket)
         while True:
             try:
-                data = await stdin.read(CHUNK)
+                data = await self._next_input(stdin)
             except asyncssh.BreakReceived:
                 await self._start_action(Key.BREAK, None)
                 continue

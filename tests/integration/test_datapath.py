@@ -1,4 +1,4 @@
-"""A guest that prints faster than any client reads: flood reading and flow control."""
+"""The data path under load: flood reading, flow control, and the shortcuts for typing and echo."""
 
 from __future__ import annotations
 
@@ -192,4 +192,62 @@ async def test_no_cbc_era_ignore_packets(gw: Gateway, users: dict[str, User], vm
         vm.write(f"line {i}\n".encode())
         await session.wait_out_end(f"line {i}\n".encode())
     assert ignores == 0
+    chan.close()
+
+
+async def test_flood_without_a_thread_is_read_by_the_loop(
+        gw: Gateway, users: dict[str, User], vm: PtyVM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When no flood thread can be started (out of threads), the loop reads the flood itself
+    and nothing is lost or stalled."""
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    chan, session = await _writer(gw, users["alice"])
+    await _caught_up(gw, session, vm)
+    started = FloodReader.started
+    payload = _payload(20_000)
+    await vm.send(payload, timeout=60)
+    await session.wait_out_end(payload[-80:])
+    assert bytes(session.out) == b"ready\n" + payload
+    assert FloodReader.started == started
+    assert FloodReader.active == 0
+    chan.close()
+
+
+async def test_typing_keeps_its_order_when_the_port_is_full(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """Typing goes straight to the port while it takes it, and queues in order behind
+    what the port could not take yet: the guest gets every byte once, in order."""
+    chan, session = await _writer(gw, users["alice"])
+    await _caught_up(gw, session, vm)
+    loop = asyncio.get_running_loop()
+    loop.remove_reader(vm.master)  # the guest stops reading: the PTY and then the port fill
+    typed = b"".join(f"{i:06d}:typed;".encode() for i in range(40_000))  # 520 KB
+    for start in range(0, len(typed), 1000):
+        chan.write(typed[start:start + 1000])
+    async with asyncio.timeout(WAIT):
+        while gw.console("web-01").port._protocol.writable:
+            await asyncio.sleep(0.01)
+    loop.add_reader(vm.master, vm._readable)  # the guest reads again
+    await vm.wait_received(typed[-13:], timeout=WAIT * 3)
+    assert bytes(vm.received) == typed
+    chan.close()
+
+
+async def test_typing_after_an_escape_waits_for_it(gw: Gateway, users: dict[str, User],
+                                                   vm: PtyVM) -> None:
+    """Typing that arrives right behind input needing the escape parser's slow path (here
+    ^]^], one literal ^]) does not overtake it: the guest gets the bytes in order."""
+    conn = await gw.connect(users["alice"], "web-01+replay=0")
+    chan, session = await conn.create_session(_Collect, term_type="xterm", encoding=None)
+    await gw.wait_audit("attach", user="alice")
+    vm.write(b"ready\n")
+    await session.wait_out_end(b"ready\n")
+    for i in range(50):
+        chan.write(f"<{i}:".encode() + b"\x1d\x1d>")  # slow path: the parser runs
+        chan.write(f"[{i}]".encode())  # same TCP segment, usually: the fast path's chance
+    want = b"".join(f"<{i}:".encode() + b"\x1d>" + f"[{i}]".encode() for i in range(50))
+    await vm.wait_received(want[-6:])
+    assert bytes(vm.received) == want
     chan.close()
