@@ -202,8 +202,18 @@ class Console:
     # -- PortSink ---------------------------------------------------------------
 
     def port_data(self, data: bytes) -> None:
-        """Guest output: to the ring first (the record, redacted), then to the live backlog."""
+        """Guest output: to the live backlog (and the sessions caught up with it), then
+        to the ring (the record, redacted); both before the next loop step."""
         self.bytes_read += len(data)
+        start = self.backlog.end
+        self.backlog.append(data)
+        writer = self.writer
+        if writer is not None:
+            # A keystroke's echo goes out before the ring write, not after it.
+            writer.on_data(start, data)
+        if self.watchers:
+            for watcher in self.watchers:
+                watcher.on_data(start, data)
         if self.ring is not None:
             try:
                 if self.redactor is None:
@@ -218,17 +228,9 @@ class Console:
                     self._arm_redact_flush()
             except (RingError, OSError) as exc:
                 self._ring_failed(exc)
-        start = self.backlog.end
-        self.backlog.append(data)
-        writer = self.writer
-        if writer is not None:
-            writer.on_data(start, data)
-            if writer.flow and self._flow_timer is None \
-                    and self.backlog.end - writer.cursor >= FLOW_PAUSE_AT:
-                self._flow_pause()
-        if self.watchers:
-            for watcher in self.watchers:
-                watcher.on_data(start, data)
+        if writer is not None and writer.flow and self._flow_timer is None \
+                and self.backlog.end - writer.cursor >= FLOW_PAUSE_AT:
+            self._flow_pause()
 
     # -- flow control -------------------------------------------------------------
     #

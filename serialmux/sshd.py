@@ -109,6 +109,7 @@ class GatewayServer(asyncssh.SSHServer):
         # The user of the key last offered; bound to identity only in auth_completed,
         # after asyncssh verified the signature (an unsigned probe proves nothing).
         self._candidate: Identity | None = None
+        self._accepted: Identity | None = None  # what the key check being run accepted
         self.sessions = 0  # session channels open on this connection
         self.failures = 0
         self.writable = asyncio.Event()
@@ -148,9 +149,33 @@ class GatewayServer(asyncssh.SSHServer):
         # instead: replace this connection's certificate check (the one hook
         # that sees the raw blob, before asyncssh verifies the signature).
         conn._validate_client_certificate = self._validate_certificate  # type: ignore[method-assign]
+        conn.validate_public_key = self._count_bad_signatures(  # type: ignore[method-assign, assignment]
+            conn.validate_public_key)
         limited = self._limit_sessions(conn._process_session_open)
         conn._process_session_open = limited  # type: ignore[method-assign, assignment]
         self._daemon.audit.event("connect", session=self.session_id, peer=self.peer)
+
+    def _count_bad_signatures(self, validate: Callable[..., Awaitable[bool]]
+                              ) -> Callable[..., Awaitable[bool]]:
+        """Wrap asyncssh's key check so an accepted key with a bad signature is a failure.
+
+        A refused key is counted where it is refused; a key we accept whose
+        signed request then fails verification (someone who has the public key
+        but not the private one) is counted here, towards MaxAuthTries and the
+        source's penalty, as sshd does.
+        """
+
+        async def validated(username: str, key_data: bytes, msg: bytes,
+                            signature: bytes) -> bool:
+            self._accepted = None
+            ok = await validate(username, key_data, msg, signature)
+            accepted = self._accepted
+            if msg and not ok and accepted is not None:
+                self._auth_failed(username, accepted.fingerprint, "bad signature",
+                                  key_id=accepted.key_id, serial=accepted.serial)
+            return ok
+
+        return validated
 
     def _limit_sessions(self, open_session: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """Wrap asyncssh's session-open handler with MaxSessions (it opens all it is asked)."""
@@ -225,8 +250,9 @@ class GatewayServer(asyncssh.SSHServer):
         if user is not None:
             entry = next(k for k in user.keys if k.public_data == key.public_data)
             if entry.allows_from(self.peer_host):
-                self._candidate = Identity(user=user.name, fingerprint=fingerprint,
-                                           peer=self.peer, session_id=self.session_id)
+                self._candidate = self._accepted = Identity(
+                    user=user.name, fingerprint=fingerprint, peer=self.peer,
+                    session_id=self.session_id)
                 self.credential = Credential(user.name, key.public_data, at=time.time())
                 return True
             reason = "key not allowed from this address (from=)"
@@ -272,9 +298,9 @@ class GatewayServer(asyncssh.SSHServer):
         except CertRefused as exc:
             self._auth_failed(username, None, exc.reason, key_id=exc.key_id, serial=exc.serial)
             return None
-        self._candidate = Identity(user=cert.user, fingerprint=cert.fingerprint, peer=self.peer,
-                                   session_id=self.session_id, key_id=cert.key_id,
-                                   serial=cert.serial)
+        self._candidate = self._accepted = Identity(
+            user=cert.user, fingerprint=cert.fingerprint, peer=self.peer,
+            session_id=self.session_id, key_id=cert.key_id, serial=cert.serial)
         self.credential = Credential(cert.user, cert.key.public_data, certificate=key_data,
                                      at=time.time())
         return cert.key

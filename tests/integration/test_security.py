@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncssh
 import pytest
+from asyncssh.public_key import SSHLocalKeyPair
 
 from serialmux import commands
 from serialmux.access import Identity
@@ -193,6 +194,32 @@ async def test_fifty_keys_on_one_connection_are_cut_at_max_auth_tries(
     failures = [e for e in gw.audit_events
                 if e["event"] == "auth_failure" and e["session"] == limit["session"]]
     assert len(failures) == 6
+
+
+class _BadSigner(SSHLocalKeyPair):
+    """A listed public key whose signatures are wrong: someone without the private key."""
+
+    def sign(self, data: bytes) -> bytes:
+        signature = super().sign(data)
+        return signature[:-1] + bytes([signature[-1] ^ 1])
+
+
+async def test_bad_signature_on_a_listed_key_counts_as_a_failure(
+        gw: Gateway, users: dict[str, User]) -> None:
+    """alice's public key with a forged signature is refused and counted (MaxAuthTries,
+    penalties) like an unknown key; alice's real key still gets in."""
+    forged = _BadSigner(users["alice"].key, None, None, None)
+    with pytest.raises(asyncssh.PermissionDenied):
+        await asyncssh.connect("127.0.0.1", gw.port, username="web-01", client_keys=[forged],
+                               known_hosts=None, agent_path=None)
+    rec = await gw.wait_audit("auth_failure", reason="bad signature")
+    assert rec["fingerprint"] == users["alice"].key.get_fingerprint("sha256")
+    assert rec["attempt"] == 1
+    assert not [e for e in gw.audit_events
+                if e["event"] == "auth_success" and e["session"] == rec["session"]]
+    conn = await gw.connect(users["alice"], "web-01")
+    assert (await conn.run("who")).exit_status == 0
+    conn.close()
 
 
 async def failed_login(gw: Gateway, user: User, **kw: Any) -> str:
