@@ -48,11 +48,11 @@ IDLE = 0.1
 #: a trickle is cheaper on the loop (4 x 4 KiB in 0.1 s is about 160 KB/s).
 FLOOD_READS = 4
 #: Bytes read but not yet taken by the loop at which the thread waits. With
-#: BATCH, it bounds one delivery (under 100 KiB), which with the console's
-#: FLOW_PAUSE_AT keeps a flow-controlled writer within its 256 KiB backlog.
-HIGH_WATER = 64 * 1024
+#: BATCH, it bounds one delivery (under 164 KiB), which with the console's
+#: FLOW_PAUSE_AT (64 KiB) keeps a flow-controlled writer within its 256 KiB backlog.
+HIGH_WATER = 96 * 1024
 #: The loop is woken when this much was read, or at a short read (the end of a burst).
-BATCH = 32 * 1024
+BATCH = 64 * 1024
 #: Flood threads at once, over all consoles (more than the cores buys nothing).
 MAX_THREADS = 4
 _GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
