@@ -71,22 +71,35 @@ async def run_demo(port: int = 2222, *, announce: Callable[[str], None] = print,
         stack.callback(guest.close)
         config, key_path = demo_config(workdir, guest.slave_path, _free_port("127.0.0.1", port))
         daemon = Daemon(config)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(guest.run())
-            serving = tg.create_task(daemon.serve())
-            await daemon.wait_ready()
-            bound = daemon.ssh_port
-            host_pub = (workdir / "ssh_host_ed25519_key.pub").read_text().split()
-            known = workdir / "known_hosts"
-            known.write_text(f"[127.0.0.1]:{bound} {host_pub[0]} {host_pub[1]}\n")
-            command = (f"ssh -p {bound} -i {shlex.quote(str(key_path))} "
-                       f"-o UserKnownHostsFile={shlex.quote(str(known))} "
-                       "-o IdentitiesOnly=yes demo@127.0.0.1")
-            announce(
-                "\nserialmux demo is running: a simulated VM named 'demo' on a PTY.\n"
-                "Connect with (log in as anyone, any password):\n\n"
-                f"    {command}\n\n"
-                "Escape: Ctrl-] then ? for help, Ctrl-] . to disconnect. Watch read-only with\n"
-                "demo+ro@..., try 'ssh ... demo@127.0.0.1 who' or 'logs'. Ctrl-C stops the demo.\n")
-            await serving
-            raise asyncio.CancelledError  # the daemon stopped (signal): end the guest too
+        try:
+            await _serve(daemon, guest, workdir, key_path, announce)
+        except* _Stopped:
+            pass  # Ctrl-C or SIGTERM: the daemon shut down in order; end quietly
+
+
+class _Stopped(Exception):
+    """The daemon stopped (a signal): ends the demo's TaskGroup, the guest with it."""
+
+
+async def _serve(daemon: Daemon, guest: SimulatedGuest, workdir: Path, key_path: Path,
+                 announce: Callable[[str], None]) -> None:
+    """Serve until the daemon stops; the simulated guest runs beside it."""
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(guest.run())
+        serving = tg.create_task(daemon.serve())
+        await daemon.wait_ready()
+        bound = daemon.ssh_port
+        host_pub = (workdir / "ssh_host_ed25519_key.pub").read_text().split()
+        known = workdir / "known_hosts"
+        known.write_text(f"[127.0.0.1]:{bound} {host_pub[0]} {host_pub[1]}\n")
+        command = (f"ssh -p {bound} -i {shlex.quote(str(key_path))} "
+                   f"-o UserKnownHostsFile={shlex.quote(str(known))} "
+                   "-o IdentitiesOnly=yes demo@127.0.0.1")
+        announce(
+            "\nserialmux demo is running: a simulated VM named 'demo' on a PTY.\n"
+            "Connect with this, then log in to the guest as anyone, with any password:\n\n"
+            f"    {command}\n\n"
+            "Escape: Ctrl-] then ? for help, Ctrl-] . to disconnect. Watch read-only with\n"
+            "demo+ro@..., try 'ssh ... demo@127.0.0.1 who' or 'logs'. Ctrl-C stops the demo.\n")
+        await serving
+        raise _Stopped

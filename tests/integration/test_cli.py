@@ -100,7 +100,8 @@ async def test_serve_sigterm_shuts_down_in_order(tmp_path: Path, users: dict[str
 
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
 async def test_demo_prints_an_ssh_line_that_reaches_the_guest(tmp_path: Path) -> None:
-    """serialmux demo prints an ssh command; typing it reaches the simulated guest's shell."""
+    """serialmux demo prints an ssh command; typing it reaches the simulated guest's shell;
+    Ctrl-C ends it quietly."""
     env = {**os.environ, "HOME": str(tmp_path)}
     demo = pexpect.spawn(sys.executable, ["-m", "serialmux", "demo", "--port", "0"],
                          timeout=20, env=env)
@@ -128,6 +129,7 @@ async def test_demo_prints_an_ssh_line_that_reaches_the_guest(tmp_path: Path) ->
         demo.kill(signal.SIGINT)
         demo.expect(pexpect.EOF, timeout=20)
         close_child(demo)
+    assert b"Traceback" not in demo.before
 
 
 async def test_kill_9_of_serve_leaves_a_clean_prefix_in_the_ring(
