@@ -265,6 +265,26 @@ class Gateway:
         return self.daemon.consoles[name]
 
 
+class RawSession(asyncssh.SSHClientSession[bytes]):
+    """A raw asyncssh client session that records stdout and stderr (for window tricks)."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        self.changed = asyncio.Event()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        (self.err if datatype == asyncssh.EXTENDED_DATA_STDERR else self.out).extend(data)
+        self.changed.set()
+
+    async def wait_out_end(self, tail: bytes, timeout: float = WAIT * 3) -> None:
+        """Wait until stdout ends with *tail*."""
+        async with asyncio.timeout(timeout):
+            while not self.out.endswith(tail):
+                self.changed.clear()
+                await self.changed.wait()
+
+
 class Client:
     """An SSH session to a console, collecting what it receives."""
 

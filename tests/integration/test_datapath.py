@@ -12,42 +12,23 @@ import pytest
 from serialmux import console as console_mod
 from serialmux.floodread import FloodReader
 from serialmux.ring import Record, RecordKind, RingReader
-from tests.support import WAIT, Gateway, PtyVM, User
+from tests.support import WAIT, Gateway, PtyVM, RawSession, User
 
 
 def _payload(lines: int, fill: str = "f") -> bytes:
     return b"".join(f"{i:07d} {fill * 71}\n".encode() for i in range(lines))
 
 
-class _Collect(asyncssh.SSHClientSession[bytes]):
-    """A raw client session that records stdout and stderr."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
-        self.changed = asyncio.Event()
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        (self.err if datatype == asyncssh.EXTENDED_DATA_STDERR else self.out).extend(data)
-        self.changed.set()
-
-    async def wait_out_end(self, tail: bytes) -> None:
-        async with asyncio.timeout(WAIT * 3):
-            while not self.out.endswith(tail):
-                self.changed.clear()
-                await self.changed.wait()
-
-
 async def _writer(gw: Gateway, user: User, *, window: int = 2 * 1024 * 1024
-                  ) -> tuple[asyncssh.SSHClientChannel[bytes], _Collect]:
+                  ) -> tuple[asyncssh.SSHClientChannel[bytes], RawSession]:
     conn = await gw.connect(user, "web-01+replay=0")
-    chan, session = await conn.create_session(_Collect, subsystem="console", encoding=None,
+    chan, session = await conn.create_session(RawSession, subsystem="console", encoding=None,
                                               window=window)
     await gw.wait_audit("attach", user=user.name)
     return chan, session
 
 
-async def _caught_up(gw: Gateway, session: _Collect, vm: PtyVM) -> None:
+async def _caught_up(gw: Gateway, session: RawSession, vm: PtyVM) -> None:
     """Print one line and wait for it: the writer has kept up with live output once."""
     vm.write(b"ready\n")
     await session.wait_out_end(b"ready\n")
@@ -138,7 +119,7 @@ async def test_watchers_never_hold_the_port(gw: Gateway, users: dict[str, User],
                                             vm: PtyVM) -> None:
     """A read-only watcher that stops reading never pauses the port: it skips ahead."""
     conn = await gw.connect(users["carol"], "web-01+replay=0")
-    chan, session = await conn.create_session(_Collect, subsystem="console", encoding=None,
+    chan, session = await conn.create_session(RawSession, subsystem="console", encoding=None,
                                               window=64 * 1024)
     await gw.wait_audit("attach", user="carol")
     vm.write(b"ready\n")
@@ -240,7 +221,7 @@ async def test_typing_after_an_escape_waits_for_it(gw: Gateway, users: dict[str,
     """Typing that arrives right behind input needing the escape parser's slow path (here
     ^]^], one literal ^]) does not overtake it: the guest gets the bytes in order."""
     conn = await gw.connect(users["alice"], "web-01+replay=0")
-    chan, session = await conn.create_session(_Collect, term_type="xterm", encoding=None)
+    chan, session = await conn.create_session(RawSession, term_type="xterm", encoding=None)
     await gw.wait_audit("attach", user="alice")
     vm.write(b"ready\n")
     await session.wait_out_end(b"ready\n")

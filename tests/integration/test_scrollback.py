@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncssh
 
 from serialmux.ring import Record, RecordKind, RingReader, Skipped
-from tests.support import WAIT, Gateway, PtyVM, User
+from tests.support import WAIT, Gateway, PtyVM, RawSession, User
 
 SERIALMUX = [sys.executable, "-m", "serialmux"]
 
@@ -162,24 +162,11 @@ async def test_markers_record_attach_and_takeover(gw: Gateway, users: dict[str, 
     await b.close()
 
 
-class _Collect(asyncssh.SSHClientSession[bytes]):
-    """A raw client session that records stdout and stderr."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
-        self.changed = asyncio.Event()
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        (self.err if datatype == asyncssh.EXTENDED_DATA_STDERR else self.out).extend(data)
-        self.changed.set()
-
-
 async def test_slow_client_is_told_how_much_it_skipped(gw: Gateway, users: dict[str, User],
                                                        vm: PtyVM) -> None:
     """A client that pauses while more than the backlog passes resumes with a skip notice."""
     conn = await gw.connect(users["carol"], "web-01+replay=0")
-    chan, session = await conn.create_session(_Collect, subsystem="console", encoding=None,
+    chan, session = await conn.create_session(RawSession, subsystem="console", encoding=None,
                                               window=64 * 1024)
     await gw.wait_audit("attach", user="carol")
     chan.pause_reading()
