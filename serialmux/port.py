@@ -42,8 +42,6 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 STABLE_AFTER = 2.0  # an open that lasted this long resets the backoff
 BREAK_SECONDS = 0.25
-# The most one read of a PTY or tty returns (N_TTY's 4 KiB buffer, less one).
-N_TTY_READ = FULL_READ
 
 IAC, BRK, SB, SE = 0xFF, 0xF3, 0xFA, 0xF0
 WILL, WONT, DO, DONT = 0xFB, 0xFC, 0xFD, 0xFE
@@ -139,14 +137,14 @@ class _DirectSerial(serial.Serial):  # type: ignore[misc]  # pyserial is untyped
             raise serial.SerialException(f"read failed: {_describe(exc)}") from exc
         if not data:
             raise serial.SerialException("end of file: the other side closed the port")
-        if len(data) < N_TTY_READ:
+        if len(data) < FULL_READ:
             return data
         # A full line-discipline buffer (a flood): the kernel has more queued.
         # Take it now, so the ring and the SSH client get one large chunk, not
         # one 4 KiB record and one SSH packet per read.
         chunks = [data]
         total = len(data)
-        while total < size and len(data) >= N_TTY_READ:
+        while total < size and len(data) >= FULL_READ:
             try:
                 data = os.read(self.fd, size - total)
             except OSError:
@@ -191,10 +189,7 @@ class _PortProtocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if self._decoder is None:  # every chunk of every console: one call less
-            self._port.sink.port_data(data)
-        else:
-            self._deliver(data)
+        self._deliver(data)
         if len(data) < FULL_READ or self._flood is not None or self._paused \
                 or not FloodReader.available():
             return

@@ -60,6 +60,7 @@ from serialmux.ringfile import (
     _open_flags,
     _os_error,
     _RingFile,
+    _span,
 )
 from serialmux.ringreader import RingReader, Skipped
 
@@ -264,7 +265,7 @@ class RingWriter(_RingFile):
 
     def _write(self, kind: int, payload: bytes | memoryview, time_ns: int) -> None:
         length = len(payload)
-        span = REC_HEADER + ((length + ALIGN - 1) & ~(ALIGN - 1))  # _span(), inlined: every chunk
+        span = _span(length)
         off = self._off
         wrapped = off + span > self.size
         try:

@@ -109,7 +109,6 @@ class GatewayServer(asyncssh.SSHServer):
         # The user of the key last offered; bound to identity only in auth_completed,
         # after asyncssh verified the signature (an unsigned probe proves nothing).
         self._candidate: Identity | None = None
-        self._accepted: Identity | None = None  # what the key check being run accepted
         self.sessions = 0  # session channels open on this connection
         self.failures = 0
         self.writable = asyncio.Event()
@@ -167,9 +166,9 @@ class GatewayServer(asyncssh.SSHServer):
 
         async def validated(username: str, key_data: bytes, msg: bytes,
                             signature: bytes) -> bool:
-            self._accepted = None
+            self._candidate = None  # set again by the check if it accepts the key
             ok = await validate(username, key_data, msg, signature)
-            accepted = self._accepted
+            accepted = self._candidate
             if msg and not ok and accepted is not None:
                 self._auth_failed(username, accepted.fingerprint, "bad signature",
                                   key_id=accepted.key_id, serial=accepted.serial)
@@ -250,7 +249,7 @@ class GatewayServer(asyncssh.SSHServer):
         if user is not None:
             entry = next(k for k in user.keys if k.public_data == key.public_data)
             if entry.allows_from(self.peer_host):
-                self._candidate = self._accepted = Identity(
+                self._candidate = Identity(
                     user=user.name, fingerprint=fingerprint, peer=self.peer,
                     session_id=self.session_id)
                 self.credential = Credential(user.name, key.public_data, at=time.time())
@@ -298,7 +297,7 @@ class GatewayServer(asyncssh.SSHServer):
         except CertRefused as exc:
             self._auth_failed(username, None, exc.reason, key_id=exc.key_id, serial=exc.serial)
             return None
-        self._candidate = self._accepted = Identity(
+        self._candidate = Identity(
             user=cert.user, fingerprint=cert.fingerprint, peer=self.peer,
             session_id=self.session_id, key_id=cert.key_id, serial=cert.serial)
         self.credential = Credential(cert.user, cert.key.public_data, certificate=key_data,
