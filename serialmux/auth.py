@@ -309,10 +309,11 @@ class Gate:
         now = self._clock()
         penalty = self.penalties.get(host)
         if penalty is not None:
-            if penalty.expiry <= now:
+            if penalty.expiry <= now or self.exempt(host):  # expired, or exempt since a reload
                 del self.penalties[host]
             elif penalty.active:
-                return f"penalised for {penalty.expiry - now:.0f} s after failed logins"
+                return (f"penalised for {penalty.expiry - now:.0f} s after failed or "
+                        "unfinished logins")
         start, rate, full = self.settings.max_startups
         n = self.unauthenticated
         if n >= full:
@@ -342,15 +343,31 @@ class Gate:
         self._release(host)
 
     def closed(self, host: str, *, was_authenticated: bool, failed: bool) -> None:
-        """An admitted connection closed; a failed login earns its source a penalty."""
+        """An admitted connection closed; unauthenticated, it earns its source a penalty.
+
+        As sshd's PerSourcePenalties: ``penalty_authfail`` after a failed login,
+        ``penalty_noauth`` for one that ended without any (a scanner, a probe, a
+        login timeout). Both only add up to a refusal past the 15 s minimum.
+        """
         if not was_authenticated:
             self._release(host)
-            if failed:
-                self.penalise(host, self.settings.penalty_authfail)
+            settings = self.settings
+            self.penalise(host, settings.penalty_authfail if failed else settings.penalty_noauth)
+
+    def exempt(self, host: str) -> bool:
+        """Whether *host* is in ``penalty_exempt`` (sshd's PerSourcePenaltyExemptList)."""
+        networks = self.settings.penalty_exempt
+        if not networks:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False  # not an IP (a UNIX socket peer): never listed
+        return any(address in network for network in networks)
 
     def penalise(self, host: str, seconds: float) -> None:
         """Add *seconds* to *host*'s penalty (capped at penalty_max); enforce past the minimum."""
-        if seconds <= 0:
+        if seconds <= 0 or self.exempt(host):
             return
         now = self._clock()
         penalty = self.penalties.get(host)

@@ -14,6 +14,7 @@ from here, and the loader needs the types, so the types are the lower module.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,7 @@ from .configtypes import (
     Config,
     DiscoveryConfig,
     Grant,
+    IPNetwork,
     Listen,
     PortKind,
     PortSpec,
@@ -166,6 +168,7 @@ class _Loader:
 _SERVER_KEYS = {"listen", "host_keys", "state_dir", "runtime_dir", "enabled", "stall_timeout",
                 "audit_file", "redact", "ring_sync"}
 _SSH_KEYS = {"login_timeout", "max_auth_tries", "max_startups", "penalty_authfail", "penalty_max",
+             "penalty_noauth", "penalty_exempt",
              "keepalive_interval", "keepalive_count_max", "user_ca_keys", "revoked_keys",
              "per_source_max_startups", "max_sessions"}
 _VM_KEYS = {"port", "baud", "qmp", "ring_size", "on_detach", "idle_timeout", "enabled", "redact"}
@@ -357,7 +360,8 @@ def _load_ssh(ld: _Loader, t: Mapping[str, Any], base: Path) -> SSHSettings:
                 ld.error("ssh.max_startups", "needs 0 < START <= FULL and RATE in 0..100")
             startups = (start, rate, full)
     nums: dict[str, float] = {}
-    for name in ("login_timeout", "penalty_authfail", "penalty_max", "keepalive_interval"):
+    for name in ("login_timeout", "penalty_authfail", "penalty_noauth", "penalty_max",
+                 "keepalive_interval"):
         value = ld.typed(t, "ssh", name, (int, float), getattr(d, name))
         if value < 0:
             ld.error(f"ssh.{name}", "must not be negative")
@@ -372,8 +376,16 @@ def _load_ssh(ld: _Loader, t: Mapping[str, Any], base: Path) -> SSHSettings:
     per_source = ld.typed(t, "ssh", "per_source_max_startups", int, None)
     if per_source is not None and per_source < 1:
         ld.error("ssh.per_source_max_startups", "must be at least 1 (leave it out for none)")
+    exempt: list[IPNetwork] = []
+    for text in ld.string_list(t, "ssh", "penalty_exempt"):
+        try:
+            exempt.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            ld.error("ssh.penalty_exempt",
+                     f"{text!r} is not an address or network (e.g. \"10.0.0.0/8\", \"::1\")")
     return SSHSettings(
         per_source_max_startups=per_source,
+        penalty_noauth=nums["penalty_noauth"], penalty_exempt=tuple(exempt),
         max_startups=startups,
         user_ca_keys=tuple(
             str(_resolve(base, p)) for p in ld.string_list(t, "ssh", "user_ca_keys")),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from .redact import RedactRule
 from .ring import DEFAULT_RING_SIZE
 
 DEFAULT_PORT = 2222
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_BAUD = 115200
 
 # Names that come from users (the SSH login name) and from the config must pass
@@ -184,7 +186,10 @@ class SSHSettings:
     max_auth_tries: int = 6
     max_startups: tuple[int, int, int] = (10, 30, 100)
     penalty_authfail: float = 5.0
+    penalty_noauth: float = 1.0  # a connection that closed without a failed login
     penalty_max: float = 600.0
+    # sshd PerSourcePenaltyExemptList: sources never penalised (default none)
+    penalty_exempt: tuple[IPNetwork, ...] = ()
     keepalive_interval: float = 15.0
     keepalive_count_max: int = 3
     user_ca_keys: tuple[str, ...] = ()

@@ -232,7 +232,7 @@ async def failed_login(gw: Gateway, user: User, **kw: Any) -> str:
         return "denied"
     except (asyncssh.DisconnectError, ConnectionError, OSError, asyncssh.ConnectionLost):
         return "dropped"
-    conn.close()  # pragma: no cover - must not happen
+    conn.close()
     await conn.wait_closed()
     return "accepted"
 
@@ -256,6 +256,31 @@ async def test_per_source_penalty_after_many_failures(gw: Gateway,
     conn = await gw.connect(users["alice"], "web-01", local_addr=("127.0.0.2", 0))
     assert (await conn.run("who")).exit_status == 0
     conn.close()
+
+
+@pytest.mark.parametrize("exempt", [False, True])
+async def test_connections_that_never_log_in_penalise_their_source(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM, exempt: bool) -> None:
+    """20 connections closed before any login (a scanner) lock their address out, as
+    sshd's noauth penalty does; another address, or one in penalty_exempt, gets in."""
+    extra = '[ssh]\npenalty_exempt = ["127.0.0.1", "10.0.0.0/8"]' if exempt else ""
+    async with started(tmp_path, vm, users, extra=extra) as gw:
+        def count(event: str) -> int:
+            return sum(1 for e in gw.audit_events if e["event"] == event)
+
+        for n in range(1, 21):  # one at a time: MaxStartups never drops one
+            await close_all(await open_silent(1, gw.port))
+            await wait_for(lambda: count("disconnect") + count("connection_refused") >= n)  # noqa: B023
+        assert await failed_login(gw, users["alice"]) == ("accepted" if exempt else "dropped")
+        if exempt:
+            assert count("connection_refused") == 0
+        else:
+            assert count("disconnect") >= 15  # 1 s each: refused only past the 15 s minimum
+            rec = await gw.wait_audit("connection_refused")
+            assert "penalised" in rec["reason"]
+        conn = await gw.connect(users["alice"], "web-01", local_addr=("127.0.0.2", 0))
+        assert (await conn.run("who")).exit_status == 0
+        conn.close()
 
 
 def fd_count() -> int:
@@ -305,7 +330,10 @@ async def test_max_startups_caps_silent_connections_and_recovers(
         assert refused() >= 200
         # The daemon frees the held ones itself (login timeout), clients still silent.
         await wait_for(lambda: gate.unauthenticated == 0, timeout=WAIT + 3)
-        conn = await gw.connect(users["alice"], "web-01")
+        # Each timed-out connection cost its source the noauth penalty, so the
+        # flooding address is refused for a while; alice comes from another one.
+        assert gate.penalties["127.0.0.1"].active
+        conn = await gw.connect(users["alice"], "web-01", local_addr=("127.0.0.2", 0))
         assert (await conn.run("who")).exit_status == 0
         conn.close()
         await conn.wait_closed()

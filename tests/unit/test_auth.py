@@ -213,6 +213,39 @@ def test_penalty_after_failures_then_expires() -> None:
     assert gate.admit("1.2.3.4") is None
 
 
+def test_connections_that_never_log_in_add_the_noauth_penalty() -> None:
+    """Closing without a login costs penalty_noauth (1 s): 15 in a row are refused, not 14."""
+    clock = Clock()
+    gate = Gate(SSHSettings(), clock=clock)
+    for _ in range(14):
+        assert gate.admit("1.2.3.4") is None
+        gate.closed("1.2.3.4", was_authenticated=False, failed=False)
+    assert gate.admit("1.2.3.4") is None
+    gate.closed("1.2.3.4", was_authenticated=False, failed=False)
+    assert "penalised" in (gate.admit("1.2.3.4") or "")
+    gate.closed("9.9.9.9", was_authenticated=True, failed=False)  # logged in: no penalty
+    assert "9.9.9.9" not in gate.penalties
+
+
+def test_exempt_sources_are_never_penalised() -> None:
+    """penalty_exempt: listed sources earn no penalty; listing one lifts its penalty."""
+    import ipaddress
+
+    clock = Clock()
+    gate = Gate(SSHSettings(), clock=clock)
+    for host in ("10.1.2.3", "::1"):
+        for _ in range(20):
+            gate.penalise(host, 5)
+        assert "penalised" in (gate.admit(host) or "")
+        gate.settings = SSHSettings(penalty_exempt=(ipaddress.ip_network("10.0.0.0/8"),
+                                                    ipaddress.ip_network("::1")))
+        assert gate.admit(host) is None  # a reload that lists it lets it in at once
+        gate.penalise(host, 600)
+        assert gate.admit(host) is None
+        gate.settings = SSHSettings()
+    assert not gate.exempt("unix-socket-peer")
+
+
 def test_penalty_is_capped_at_penalty_max() -> None:
     """However many failures, a penalty never exceeds penalty_max."""
     clock = Clock()

@@ -59,13 +59,23 @@ def test_ssh_limits_default_to_sshd(tmp_path: Path) -> None:
     ssh = load_config(write(tmp_path, BASE)).ssh
     assert (ssh.login_timeout, ssh.max_auth_tries, ssh.max_startups) == (30, 6, (10, 30, 100))
     assert (ssh.penalty_authfail, ssh.keepalive_interval, ssh.keepalive_count_max) == (5, 15, 3)
+    assert (ssh.penalty_noauth, ssh.penalty_exempt) == (1, ())
     assert ssh.per_source_max_startups is None
+
+
+def test_penalty_exempt_takes_addresses_and_networks(tmp_path: Path) -> None:
+    """penalty_exempt lists addresses and CIDR networks, IPv4 and IPv6."""
+    body = BASE + '[ssh]\npenalty_exempt = ["127.0.0.1", "10.0.0.0/8", "::1", "fd00::/8"]\n'
+    nets = [str(n) for n in load_config(write(tmp_path, body)).ssh.penalty_exempt]
+    assert nets == ["127.0.0.1/32", "10.0.0.0/8", "::1/128", "fd00::/8"]
 
 
 @pytest.mark.parametrize(("snippet", "where"), [
     ('[ssh]\nmax_startups = "10:200:5"\n', "10: ssh.max_startups"),
     ("[ssh]\nmax_auth_tries = 0\n", "10: ssh.max_auth_tries"),
     ("[ssh]\nper_source_max_startups = 0\n", "10: ssh.per_source_max_startups"),
+    ('[ssh]\npenalty_exempt = ["10.0.0.300"]\n', "10: ssh.penalty_exempt"),
+    ("[ssh]\npenalty_noauth = -1\n", "10: ssh.penalty_noauth"),
     ('[ssh]\nlogin_timout = 3\n', "10: ssh.login_timout"),
     ('[server.x]\n', "9: server.x"),
 ])
