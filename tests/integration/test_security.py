@@ -41,6 +41,11 @@ async def wait_for(predicate: Any, timeout: float = WAIT) -> None:
             await asyncio.sleep(0.01)
 
 
+def audited(gw: Gateway, event: str) -> int:
+    """How many audit records of *event* the gateway has written so far."""
+    return sum(1 for e in gw.audit_events if e["event"] == event)
+
+
 def ring_text(gw: Gateway, vm: str) -> bytes:
     """The VM's scrollback as `serialmux logs` prints it (markers included)."""
     out = io.BytesIO()
@@ -265,17 +270,15 @@ async def test_connections_that_never_log_in_penalise_their_source(
     sshd's noauth penalty does; another address, or one in penalty_exempt, gets in."""
     extra = '[ssh]\npenalty_exempt = ["127.0.0.1", "10.0.0.0/8"]' if exempt else ""
     async with started(tmp_path, vm, users, extra=extra) as gw:
-        def count(event: str) -> int:
-            return sum(1 for e in gw.audit_events if e["event"] == event)
-
         for n in range(1, 21):  # one at a time: MaxStartups never drops one
             await close_all(await open_silent(1, gw.port))
-            await wait_for(lambda: count("disconnect") + count("connection_refused") >= n)  # noqa: B023
+            await wait_for(lambda n=n: audited(gw, "disconnect")
+                           + audited(gw, "connection_refused") >= n)
         assert await failed_login(gw, users["alice"]) == ("accepted" if exempt else "dropped")
         if exempt:
-            assert count("connection_refused") == 0
+            assert audited(gw, "connection_refused") == 0
         else:
-            assert count("disconnect") >= 15  # 1 s each: refused only past the 15 s minimum
+            assert audited(gw, "disconnect") >= 15  # 1 s each: refused only past the 15 s minimum
             rec = await gw.wait_audit("connection_refused")
             assert "penalised" in rec["reason"]
         conn = await gw.connect(users["alice"], "web-01", local_addr=("127.0.0.2", 0))
@@ -323,11 +326,9 @@ async def test_max_startups_caps_silent_connections_and_recovers(
         await wait_for(lambda: gate.unauthenticated == 0)
         fds, rss = fd_count(), rss_kib()
         flood = await open_silent(300, gw.port)
-        refused = lambda: sum(  # noqa: E731
-            1 for e in gw.audit_events if e["event"] == "connection_refused")
-        await wait_for(lambda: refused() + gate.unauthenticated >= 300)
+        await wait_for(lambda: audited(gw, "connection_refused") + gate.unauthenticated >= 300)
         assert 10 <= gate.unauthenticated <= 100
-        assert refused() >= 200
+        assert audited(gw, "connection_refused") >= 200
         # The daemon frees the held ones itself (login timeout), clients still silent.
         await wait_for(lambda: gate.unauthenticated == 0, timeout=WAIT + 3)
         # Each timed-out connection cost its source the noauth penalty, so the
@@ -353,8 +354,7 @@ async def test_per_source_max_startups_keeps_other_sources_in(
         assert gw.daemon is not None
         gate = gw.daemon.gate
         flood = await open_silent(300, gw.port)
-        await wait_for(lambda: sum(1 for e in gw.audit_events
-                                   if e["event"] == "connection_refused") >= 295)
+        await wait_for(lambda: audited(gw, "connection_refused") >= 295)
         assert gate.per_source == {"127.0.0.1": 5}
         conn = await gw.connect(users["alice"], "web-01", local_addr=("127.0.0.2", 0))
         assert (await conn.run("who")).exit_status == 0
