@@ -41,10 +41,10 @@ from asyncssh.packet import PacketDecodeError, SSHPacket
 from asyncssh.public_key import CERT_TYPE_USER, SSHOpenSSHCertificate, decode_ssh_certificate
 
 from .config import SSHSettings, UserConfig
+from .configtypes import IPNetwork
 from .errors import ConfigError
 from .keys import normalise_address
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 CERT_SUFFIX = b"-cert-v01@openssh.com"
 # CA signature algorithms refused like OpenSSH >= 8.2 (CASignatureAlgorithms): SHA-1;
 # b"?" is a signature that could not be parsed.
