@@ -107,7 +107,8 @@ def telnet_encode(data: bytes) -> bytes:
 
 
 class _DirectSerial(serial.Serial):  # type: ignore[misc]  # pyserial is untyped
-    """pyserial's POSIX port, read with one ``os.read`` per readiness.
+    """pyserial's POSIX port, read with one ``os.read`` per readiness, written with one
+    ``os.write`` per call.
 
     pyserial's ``read()`` select()s around every read: three syscalls a chunk,
     and ``select`` cannot take fds >= 1024, so past ~1000 consoles the ports
@@ -115,6 +116,13 @@ class _DirectSerial(serial.Serial):  # type: ignore[misc]  # pyserial is untyped
     ``cancel_read``/``cancel_write``, which serialmux never uses: four fds per
     console. The event loop already knows the fd is readable, so read once,
     as much as the port has, and close the pipes.
+
+    Its ``write()`` retries ``EAGAIN`` in a loop when the write timeout is 0, as
+    pyserial-asyncio sets it: once a guest stopped reading and its PTY was
+    exactly full, the next keystroke spun the event loop for ever, and every
+    console on the host with it. One ``os.write`` instead; ``EAGAIN`` reaches
+    the transport as BlockingIOError, and it keeps the bytes until the port is
+    writable.
     """
 
     _ABORT_PIPES = ("pipe_abort_read_r", "pipe_abort_read_w", "pipe_abort_write_r",
@@ -154,6 +162,16 @@ class _DirectSerial(serial.Serial):  # type: ignore[misc]  # pyserial is untyped
             chunks.append(data)
             total += len(data)
         return b"".join(chunks)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.fd is None:
+            raise serial.PortNotOpenError()
+        try:
+            return os.write(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            raise  # the transport keeps the bytes and waits for the port
+        except OSError as exc:
+            raise serial.SerialException(f"write failed: {_describe(exc)}") from exc
 
 
 def _pty_identity(path: str) -> tuple[int, int] | None:

@@ -216,6 +216,35 @@ async def test_typing_keeps_its_order_when_the_port_is_full(
     chan.close()
 
 
+@pytest.mark.timeout(60)
+async def test_typing_into_a_full_port_one_key_at_a_time_keeps_the_daemon_running(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """A hung guest stops reading its port while a user types key by key: once the PTY is
+    exactly full the next key waits in the daemon (pyserial's own write would spin on
+    EAGAIN for ever), output still arrives, and the guest gets every key in order later."""
+    chan, session = await _writer(gw, users["alice"])
+    await _caught_up(gw, session, vm)
+    loop = asyncio.get_running_loop()
+    loop.remove_reader(vm.master)  # the hung guest: its input fills the PTY
+    keys = b"".join(f"{i:05d}.".encode() for i in range(10_000))  # 60 KB, a packet a key
+    transport = gw.console("web-01").port._protocol.transport
+    assert isinstance(transport, asyncio.WriteTransport)
+    sent = 0
+    while not transport.get_write_buffer_size():  # until the port holds keys back
+        assert sent < len(keys), "the guest's PTY never filled"
+        for key in keys[sent:sent + 200]:
+            chan.write(bytes([key]))
+        sent += 200
+        line = f"guest still printing {sent}\n".encode()
+        vm.write(line)
+        await session.wait_out_end(line)
+    loop.add_reader(vm.master, vm._readable)  # the guest reads again
+    chan.write(keys[sent:])
+    await vm.wait_received(keys[-6:], timeout=WAIT * 3)
+    assert bytes(vm.received) == keys
+    chan.close()
+
+
 async def test_typing_after_an_escape_waits_for_it(gw: Gateway, users: dict[str, User],
                                                    vm: PtyVM) -> None:
     """Typing that arrives right behind input needing the escape parser's slow path (here
