@@ -296,8 +296,10 @@ class Console:
         if self.redactor is not None and self.ring is not None:
             data = self.redactor.flush()
             if data:
-                with contextlib.suppress(OSError):
+                try:
                     self.ring.append(data)
+                except (RingError, OSError) as exc:
+                    self._ring_failed(exc)
 
     def port_up(self, description: str) -> None:
         """The port opened: mark it and tell everyone attached."""
@@ -448,8 +450,10 @@ class Console:
         if self.redactor is not None:
             self.flush_redacted()  # output before the marker stays before it
 
-        with contextlib.suppress(OSError):
+        try:
             self.ring.marker(RecordKind[kind], text, **fields)
+        except (RingError, OSError) as exc:
+            self._ring_failed(exc)
 
     def mark(self, kind: str, text: str, **fields: Any) -> None:
         """Leave a marker in the ring (actions, hypervisor events)."""

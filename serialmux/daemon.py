@@ -29,7 +29,7 @@ from .commands import MAX_REASON, clean_text
 from .config import Config, VMConfig
 from .connections import Connections
 from .console import Console
-from .errors import SerialmuxError
+from .errors import RingError, SerialmuxError
 from .log import Audit, get_logger, utc_now
 from .mfa import TotpStore
 from .port import VMPort
@@ -70,6 +70,7 @@ class Daemon:
     def __init__(self, config: Config, *, audit: Audit | None = None,
                  notifier: Notifier | None = None) -> None:
         self.config = config
+        self._owns_audit = audit is None
         self.audit = audit or Audit(config.server.audit_file)
         self.notifier = notifier or Notifier()
         self.consoles: dict[str, Console] = {}
@@ -190,6 +191,8 @@ class Daemon:
             self._remove_signals()
             self._close_rings()
             self.audit.event("daemon_stop", result="ok")
+            if self._owns_audit:
+                self.audit.close()
 
     def summary(self) -> str:
         """A one-line status for systemd and ``serialmux status``."""
@@ -288,9 +291,7 @@ class Daemon:
         await self.stop_console(name)
         ring, console.ring = console.ring, None
         if ring is not None:
-            with contextlib.suppress(OSError):
-                ring.marker(RecordKind.NOTE, f"console removed: {reason}")
-                ring.close()
+            _close_ring(name, ring, RecordKind.NOTE, f"console removed: {reason}")
         self.status_changed()
 
     async def reopen_console(self, vm: VMConfig) -> None:
@@ -300,8 +301,7 @@ class Daemon:
         if console.up:
             console.port_down("port changed by a configuration reload")
         if console.ring is not None and console.ring.size != vm.ring_size:
-            with contextlib.suppress(OSError):
-                console.ring.close()
+            _close_ring(vm.name, console.ring)
             console.ring = self._open_ring(vm)
         console.vm = vm
         console.port = VMPort(vm, console)
@@ -364,16 +364,18 @@ class Daemon:
                         moved_to=str(ring.recovered_from))
             self.audit.event("ring_recovered", vm=vm.name, reason="unreadable ring moved aside",
                              path=str(ring.recovered_from))
-        ring.marker(RecordKind.DAEMON_START, "serialmux started")
+        try:
+            ring.marker(RecordKind.DAEMON_START, "serialmux started")
+        except (RingError, OSError) as exc:  # the console reports it on its next write
+            log.error("ring_write_failed", vm=vm.name, error=str(exc))
         return ring
 
     def _close_rings(self) -> None:
         for console in self.consoles.values():
             console.flush_redacted()
             if console.ring is not None:
-                with contextlib.suppress(OSError):
-                    console.ring.marker(RecordKind.DAEMON_STOP, "serialmux stopped")
-                    console.ring.close()
+                _close_ring(console.name, console.ring, RecordKind.DAEMON_STOP,
+                            "serialmux stopped")
                 console.ring = None
 
     async def _sync_rings(self) -> None:
@@ -385,21 +387,36 @@ class Daemon:
         its place in the list (5000 header writes a second were 3 % of a core).
         """
         last: dict[str, int] = {}
+        failing: set[str] = set()  # VMs whose last sync failed: told once per streak
         rounds = 0
         while True:
             await asyncio.sleep(SYNC_INTERVAL)
             rounds += 1
-            dirty = []
+            dirty: dict[str, str] = {}  # ring path -> VM
+            rings = []
             for i, (name, console) in enumerate(self.consoles.items()):
                 ring = console.ring
-                if ring is not None and last.get(name) != ring.next_seq:
+                if ring is not None and (last.get(name) != ring.next_seq or name in failing):
                     last[name] = ring.next_seq
                     if (i + rounds) % CHECKPOINT_ROUNDS == 0:
-                        ring.checkpoint()
-                    dirty.append(ring)
-            if dirty:
-                await asyncio.to_thread(
-                    fdatasync_all, dirty, syncfs=self.config.server.ring_sync == "syncfs")
+                        with contextlib.suppress(RingError):  # a hint; the sync reports
+                            ring.checkpoint()
+                    dirty[str(ring.path)] = name
+                    rings.append(ring)
+            if not rings:
+                continue
+            failed = await asyncio.to_thread(
+                fdatasync_all, rings, syncfs=self.config.server.ring_sync == "syncfs")
+            for path, name in dirty.items():
+                exc = failed.get(path)
+                if exc is not None and name not in failing:
+                    failing.add(name)
+                    log.error("ring_sync_failed", vm=name, error=str(exc))
+                    self.audit.event("ring_sync_failed", vm=name, reason=str(exc),
+                                     result="failed")
+                elif exc is None and name in failing:
+                    failing.discard(name)
+                    log.info("ring_sync_recovered", vm=name)
 
     # -- replay --------------------------------------------------------------------
 
@@ -582,6 +599,24 @@ def _raise_fd_limit(consoles: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < need:
         log.warning("fd_limit_low", limit=soft, needed=need, consoles=consoles,
                     hint="raise LimitNOFILE= in the unit (or ulimit -n)")
+
+
+def _close_ring(vm: str, ring: RingWriter, kind: RecordKind | None = None,
+                text: str = "") -> None:
+    """Leave a last marker (if *kind*) and close *ring*; a failing disk is logged, not raised.
+
+    Every step is tried: a marker that cannot be written still lets the ring close,
+    and one console's bad disk never stops the loop that closes the others.
+    """
+    try:
+        if kind is not None:
+            ring.marker(kind, text)
+    except (RingError, OSError) as exc:
+        log.error("ring_write_failed", vm=vm, error=str(exc))
+    try:
+        ring.close()
+    except (RingError, OSError) as exc:
+        log.error("ring_close_failed", vm=vm, error=str(exc))
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

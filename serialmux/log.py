@@ -81,6 +81,9 @@ def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
 
 
+log = get_logger(__name__)
+
+
 class Audit:
     """The audit trail: one JSON object per event, to the log and an optional file."""
 
@@ -90,6 +93,7 @@ class Audit:
         self._index = itertools.count(1)
         self._lock = threading.Lock()
         self._log = structlog.get_logger("serialmux.audit")
+        self.file_error: str | None = None  # why the last write to the file failed, if it did
         self.listeners: list[Any] = []  # callables taking the event dict (tests, control socket)
         if path is not None:
             self.reopen()
@@ -120,14 +124,33 @@ class Audit:
         self._log.info(event, audit=True, **{k: v for k, v in record.items() if k != "event"})
         with self._lock:
             if self._file is not None:
-                self._file.write(line + "\n")
+                self._write_file(line)
         for listener in self.listeners:
             listener(record)
         return record
 
+    def _write_file(self, line: str) -> None:
+        # A full or failing disk must not turn every audited step (logins, attaches,
+        # port changes) into an exception: the event is in the log already; say once
+        # per failure streak that the file misses events.
+        assert self._file is not None
+        try:
+            self._file.write(line + "\n")
+        except OSError as exc:
+            if self.file_error is None:
+                log.error("audit_file_write_failed", path=str(self._path), error=str(exc))
+            self.file_error = str(exc)
+            return
+        if self.file_error is not None:
+            self.file_error = None
+            log.info("audit_file_write_recovered", path=str(self._path))
+
     def close(self) -> None:
-        """Close the audit file."""
+        """Close the audit file (closed even if its last lines cannot be written)."""
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            file, self._file = self._file, None
+            if file is not None:
+                try:
+                    file.close()
+                except OSError as exc:
+                    log.error("audit_file_write_failed", path=str(self._path), error=str(exc))

@@ -25,7 +25,6 @@ fresh ring started; ``RingWriter.recovered_from`` tells the caller.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -38,6 +37,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Final
 
+from serialmux.errors import RingError
 from serialmux.ringfile import (
     _CKPT,
     _CKPT_OFF,
@@ -368,7 +368,7 @@ def _fsync_dir(path: Path) -> None:
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
-def fdatasync_all(rings: list[RingWriter], *, syncfs: bool = False) -> None:
+def fdatasync_all(rings: list[RingWriter], *, syncfs: bool = False) -> dict[str, RingError]:
     """Make *rings* durable, as each ring's ``fdatasync()`` would (for a worker thread).
 
     Thousands of rings that each changed a little cost thousands of
@@ -376,15 +376,14 @@ def fdatasync_all(rings: list[RingWriter], *, syncfs: bool = False) -> None:
     with *syncfs* (``[server] ring_sync = "syncfs"``), past :data:`SYNCFS_FROM`
     rings one ``syncfs`` per filesystem does the same work once. That also
     flushes every other dirty file on the filesystem (a hypervisor's VM images
-    often live there), so it is opt-in. Errors are ignored here as with a
-    failed ``fdatasync``: the ring keeps its older durable position and the
-    next round tries again.
+    often live there), so it is opt-in. Returns the rings that failed, by
+    path: each keeps its older durable position and the next round tries again.
     """
+    failed: dict[str, RingError] = {}
     if not syncfs or len(rings) < SYNCFS_FROM:
         for ring in rings:
-            with contextlib.suppress(OSError, ValueError):
-                ring.fdatasync()
-        return
+            _fdatasync_into(ring, failed)
+        return failed
     by_dev: dict[int, list[tuple[RingWriter, tuple[int, int, int, int]]]] = {}
     for ring in rings:
         if ring._fd >= 0:  # not closed meanwhile
@@ -395,5 +394,14 @@ def fdatasync_all(rings: list[RingWriter], *, syncfs: bool = False) -> None:
                 ring._durable = pos  # written before the syncfs began: durable now
         else:
             for ring, _ in group:
-                with contextlib.suppress(OSError, ValueError):
-                    ring.fdatasync()
+                _fdatasync_into(ring, failed)
+    return failed
+
+
+def _fdatasync_into(ring: RingWriter, failed: dict[str, RingError]) -> None:
+    if ring._fd < 0:
+        return  # closed meanwhile (its console was removed): nothing left to sync
+    try:
+        ring.fdatasync()
+    except RingError as exc:
+        failed[str(ring.path)] = exc
