@@ -372,6 +372,9 @@ class _Output:
         if self._enabled and not self._writer.is_closing():
             self._writer.write(data)
 
+    def buffered(self) -> int:
+        return self._writer.transport.get_write_buffer_size()
+
     async def drain(self) -> None:
         # A vanished client is noticed by the input side (EOF) and ends the session.
         with contextlib.suppress(ConnectionError):
@@ -401,6 +404,10 @@ class _LocalProcess:
 
     def get_terminal_type(self) -> str | None:
         return "local" if self._interactive else None
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes written to the client's socket and not yet sent (it reads too slowly)."""
+        return self.stdout.buffered()
 
 
 def _attachment(att: Attachment, console: Console) -> dict[str, Any]:

@@ -210,10 +210,10 @@ class Session:
         self._told_ro = self._told_down = False
         self._replay_at: tuple[int, int] | None = None  # (lines, ring seq live output starts at)
         self._tasks: asyncio.TaskGroup | None = None
-        # Bytes written but not yet sent on the SSH channel (None: not an SSH channel).
-        channel = getattr(process, "channel", None)
-        self._buffered: Callable[[], int] | None = (
-            channel.get_write_buffer_size if channel is not None else None)
+        # Bytes written but not yet sent to the client: the SSH channel's, or for a
+        # local attach the control socket's. Output waits while there are any.
+        channel: Any = getattr(process, "channel", None) or process
+        self._buffered: Callable[[], int] = channel.get_write_buffer_size
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -344,8 +344,7 @@ class Session:
         Called for every chunk the console appends (loop thread).
         """
         if not self._pump_idle or offset != self.offset or self._notices \
-                or not self._writable.is_set() \
-                or (self._buffered is not None and self._buffered()):
+                or not self._writable.is_set() or self._buffered():
             kick = self._kick
             if kick is not None and not kick.done():
                 kick.set_result(None)
@@ -361,8 +360,7 @@ class Session:
         await self._drain()
 
     async def _drain(self) -> None:
-        buffered = self._buffered
-        if buffered is not None and self._writable.is_set() and not buffered():
+        if self._writable.is_set() and not self._buffered():
             # Everything written went out: drain cannot block (it still raises if
             # the connection was lost), so no timeout to arm and cancel per chunk.
             await self.process.stdout.drain()

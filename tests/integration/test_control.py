@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,16 @@ import pexpect
 import pytest
 
 from serialmux.control import socket_path
-from tests.support import WAIT, Gateway, PtyVM, User, close_child, gateway, run_cli
+from tests.support import (
+    SERIALMUX_BIN,
+    WAIT,
+    Gateway,
+    PtyVM,
+    User,
+    close_child,
+    gateway,
+    run_cli,
+)
 
 NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 needs_setpriv = pytest.mark.skipif(
@@ -239,6 +249,36 @@ async def test_attach_on_a_terminal_types_and_reads(gw: Gateway, vm: PtyVM) -> N
     finally:
         close_child(child)
     assert child.exitstatus == 0
+
+
+async def test_local_attach_that_stops_reading_is_bounded_then_ended(
+        gw: Gateway, vm: PtyVM) -> None:
+    """``serialmux attach`` whose stdout nobody reads (a stuck ForceCommand client): the
+    daemon holds at most a little for it while the guest prints megabytes, and ends the
+    session as stalled after stall_timeout instead of buffering the guest's output."""
+    unread, stdout = os.pipe()  # the client's stdout: a pipe nobody reads
+    proc = await asyncio.create_subprocess_exec(
+        SERIALMUX_BIN, "attach", "web-01", "--replay", "0", *cfg(gw),
+        stdin=asyncio.subprocess.PIPE, stdout=stdout, stderr=asyncio.subprocess.DEVNULL)
+    os.close(stdout)
+    try:
+        await gw.wait_audit("attach", user="root")
+        assert gw.daemon is not None
+        session = next(iter(gw.daemon.sessions))
+        most = 0
+        for _ in range(16):  # up to 16 MiB from the guest
+            await vm.send(b"".join(b"%079d\n" % i for i in range(13_107)), timeout=WAIT * 3)
+            most = max(most, session.process.get_write_buffer_size())
+            if session not in gw.daemon.sessions:
+                break
+        assert most < 1 << 20
+        rec = await gw.wait_audit("detach", user="root")
+        assert "stalled" in rec["reason"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        os.close(unread)
 
 
 async def test_local_attach_follows_takeover_rules(gw: Gateway, users: dict[str, User],
