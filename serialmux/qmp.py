@@ -19,6 +19,13 @@ cause), and we measured what it lacks against a misbehaving fake server
   1 MiB line fails the session at once instead of being buffered;
 * the reader task's failure reaches only ``disconnect()``; a waiting ``execute()`` just sees
   ``ExecInterruptedError``, so the session records the cause and ``execute()`` reports it;
+* it checks a reply's envelope (``return`` or a well-formed ``error``) but not what ``return``
+  holds, and a bad envelope raises its ``BadReplyError``; whoever answers on the QMP socket is
+  untrusted, so ``execute()`` turns that into a HypervisorError and every reply we read a field
+  from is checked for shape first (:meth:`Hypervisor.status`, :meth:`Hypervisor.chardev_pty`):
+  a wrong shape is a HypervisorError naming the VM, the socket and the command, never a
+  TypeError that would end the console's TaskGroup (the greeting is checked by qemu.qmp itself,
+  which fails ``connect()`` with ``GreetingError``, and we read nothing from it);
 * its event listeners keep every event in a history list for the session's lifetime (unbounded
   in a daemon), so the default listener is muted and ours hands events straight to
   ``on_event`` without a queue;
@@ -44,12 +51,15 @@ from typing import Any
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, StateError
 from qemu.qmp.message import DeserializationError
 from qemu.qmp.protocol import ConnectError, Runstate
+from qemu.qmp.qmp_client import BadReplyError, GreetingError, NegotiationError
 
 from serialmux.errors import HypervisorError, HypervisorTimeout, HypervisorUnavailable
 from serialmux.log import get_logger
 
 #: Longest QMP message accepted; QEMU's replies to our commands are a few KiB at most.
 MAX_MESSAGE = 256 * 1024
+#: How much of a malformed reply an error message quotes.
+QUOTE_REPLY = 120
 #: Reconnect backoff: first retry after this many seconds, doubling up to ``max_backoff``.
 BACKOFF_START = 0.1
 #: SysRq keys the kernel knows: its table is 0-9 and a-z. Each is also a QEMU qcode.
@@ -260,11 +270,25 @@ class Hypervisor:
             ) from err
         except StateError as err:  # the session started closing as we sent
             raise self._unavailable(command) from err
+        except BadReplyError as err:  # neither "return" nor a well-formed "error"
+            raise HypervisorError(
+                f"QMP {command} at {self.address} got a malformed reply "
+                f"{_quote(dict(err.msg))}; is QEMU what answers on that socket?",
+                vm=self.vm,
+            ) from err
         # The connection broke under the command: wait (briefly) for run() to learn why.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await interrupted.closed.wait()
         raise _session_error(interrupted.cause, command, self.vm, self.address)
+
+    def _malformed(self, command: str, reply: object, expected: str) -> HypervisorError:
+        """The error for a reply of the wrong shape: a broken or impostor QMP server."""
+        return HypervisorError(
+            f"QMP {command} at {self.address} returned {_quote(reply)}, not {expected}; "
+            "is QEMU what answers on that socket?",
+            vm=self.vm,
+        )
 
     def _unavailable(self, command: str) -> HypervisorUnavailable:
         return HypervisorUnavailable(
@@ -295,15 +319,28 @@ class Hypervisor:
     async def status(self) -> str:
         """The VM's run state as QEMU names it: running, paused, shutdown, ..."""
         reply = await self.execute("query-status")
-        if not isinstance(reply, dict) or not isinstance(reply.get("status"), str):
-            raise HypervisorError(f"query-status returned {reply!r}, not a status", vm=self.vm)
-        return str(reply["status"])
+        status = reply.get("status") if isinstance(reply, dict) else None
+        if not isinstance(status, str):
+            raise self._malformed("query-status", reply, 'an object with a "status" string')
+        return status
 
     async def chardev_pty(self, label: str) -> str | None:
-        """The ``/dev/pts/N`` behind chardev ``label`` (e.g. ``serial0``); None if not a PTY."""
-        for chardev in await self.execute("query-chardev") or ():
-            if isinstance(chardev, dict) and chardev.get("label") == label:
-                filename = str(chardev.get("filename", ""))
+        """The ``/dev/pts/N`` behind chardev ``label`` (e.g. ``serial0``); None if not a PTY.
+
+        Raises HypervisorError (as :meth:`execute` does) when the reply is not a list of
+        objects each with a ``label`` and a ``filename`` string.
+        """
+        reply = await self.execute("query-chardev")
+        expected = 'a list of objects with "label" and "filename" strings'
+        if not isinstance(reply, list):
+            raise self._malformed("query-chardev", reply, expected)
+        for chardev in reply:
+            if not (isinstance(chardev, dict) and isinstance(chardev.get("label"), str)
+                    and isinstance(chardev.get("filename"), str)):
+                raise self._malformed("query-chardev", chardev, expected)
+        for chardev in reply:
+            if chardev["label"] == label:
+                filename: str = chardev["filename"]
                 if not filename.startswith("pty:"):
                     return None
                 path = filename[4:]
@@ -315,8 +352,20 @@ class Hypervisor:
         return None
 
 
+def _quote(reply: object) -> str:
+    """A reply's repr, cut to :data:`QUOTE_REPLY` characters (it can be 256 KiB)."""
+    text = repr(reply)
+    return text if len(text) <= QUOTE_REPLY else text[: QUOTE_REPLY - 3] + "..."
+
+
 def _connect_failure(err: BaseException) -> str:
     cause = err.exc if isinstance(err, ConnectError) else err
+    if isinstance(cause, GreetingError | NegotiationError):
+        # Its text can quote the whole (peer-chosen, up to MAX_MESSAGE) message: keep a line.
+        why = (str(cause.exc).splitlines() or [type(cause.exc).__name__])[0][:QUOTE_REPLY]
+        if isinstance(cause, GreetingError):
+            return f"the QMP greeting was not understood ({why}); is QEMU on that socket?"
+        return f"qmp_capabilities was not accepted ({why}); is QEMU on that socket?"
     if isinstance(cause, FileNotFoundError):
         return "socket does not exist (QEMU not running?)"
     if isinstance(cause, ConnectionRefusedError):

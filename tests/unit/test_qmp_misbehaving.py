@@ -32,6 +32,8 @@ class FakeQMP:
     silent: never greets. hang: never replies. malformed: replies with broken JSON.
     huge: replies with a 1 MiB line. eof: closes in the middle of a reply.
     good: answers query-status / query-chardev / anything else with ``{}``.
+    In any mode but silent it greets with ``greeting``, and ``replies[command]`` (a whole reply
+    object, which gets the command's id unless it has its own) overrides the answer to a command.
     """
 
     def __init__(self, path: Path, mode: str = "good", status: str = "running") -> None:
@@ -39,6 +41,8 @@ class FakeQMP:
         self.mode = mode
         self.status = status
         self.pty = "pty:/dev/pts/7"  # serial0's filename in query-chardev
+        self.greeting: Any = GREETING
+        self.replies: dict[str, Any] = {}
         self.commands: list[tuple[str, Any]] = []
         self.connections = 0
         self._changed = asyncio.Event()
@@ -78,7 +82,7 @@ class FakeQMP:
             writer.write(self._line({"event": name, "data": data, "timestamp": stamp}))
 
     @staticmethod
-    def _line(message: dict[str, Any]) -> bytes:
+    def _line(message: Any) -> bytes:
         return json.dumps(message).encode() + b"\r\n"
 
     def _note(self) -> None:
@@ -93,10 +97,10 @@ class FakeQMP:
             if self.mode == "silent":
                 await reader.read()  # hold the connection, say nothing
                 return
-            writer.write(self._line(GREETING))
+            writer.write(self._line(self.greeting))
             async for message in self._messages(reader):
                 command, ident = message["execute"], message.get("id")
-                if command == "qmp_capabilities":
+                if command == "qmp_capabilities" and command not in self.replies:
                     writer.write(self._line({"return": {}, "id": ident}))
                     continue
                 self.commands.append((command, message.get("arguments")))
@@ -129,7 +133,9 @@ class FakeQMP:
         """Reply to one command as ``mode`` says; False ends the connection."""
         if self.mode == "hang":
             return True
-        if self.mode == "malformed":
+        if command in self.replies:
+            writer.write(self._line({"id": ident, **self.replies[command]}))
+        elif self.mode == "malformed":
             writer.write(b'{"return": {"status": running}, "id": ' + json.dumps(ident).encode())
             writer.write(b"}\r\n")
         elif self.mode == "huge":
@@ -392,3 +398,118 @@ async def test_chardev_pty_outside_dev_pts_is_refused(tmp_path: Path, filename: 
             assert await hv.chardev_pty("serial0") == "/dev/pts/7"
             fake.pty = filename
             assert await hv.chardev_pty("serial0") is None
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        1,
+        None,
+        {},
+        "serial0",
+        [1, 2],
+        ["pty:/dev/pts/7"],
+        [None],
+        [{"label": "serial0", "filename": 7}],
+        [{"label": "serial0", "filename": ["pty:/dev/pts/7"]}],
+        [{"label": "serial0"}],
+        [{"label": 0, "filename": "pty:/dev/pts/7"}],
+        [{"label": "qmp", "filename": "unix:/x"}, {"label": "serial0", "filename": None}],
+        ["x" * 100_000],
+    ],
+)
+async def test_malformed_query_chardev_gives_hypervisor_error(tmp_path: Path, reply: Any) -> None:
+    """A query-chardev reply of the wrong shape is a HypervisorError (VM, socket), not TypeError."""
+    async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
+        hv = hypervisor(fake.path)
+        async with running(hv):
+            assert await hv.wait_connected(PROMPTLY)
+            fake.replies["query-chardev"] = {"return": reply}
+            with pytest.raises(HypervisorError, match="query-chardev") as caught:
+                await hv.chardev_pty("serial0")
+            assert type(caught.value) is HypervisorError
+            assert caught.value.vm == "vm1"
+            assert str(fake.path) in str(caught.value)
+            assert len(str(caught.value)) < 400  # a huge reply is quoted, not copied
+            del fake.replies["query-chardev"]
+            assert await hv.chardev_pty("serial0") == "/dev/pts/7"
+            assert fake.connections == 1
+
+
+@pytest.mark.parametrize("reply", [1, None, [], {}, {"status": 1}, {"status": None}, "running"])
+async def test_malformed_query_status_gives_hypervisor_error(tmp_path: Path, reply: Any) -> None:
+    """A query-status reply without a "status" string is a HypervisorError naming the command."""
+    async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
+        hv = hypervisor(fake.path)
+        async with running(hv):
+            assert await hv.wait_connected(PROMPTLY)
+            fake.replies["query-status"] = {"return": reply}
+            with pytest.raises(HypervisorError, match="query-status") as caught:
+                await hv.status()
+            assert type(caught.value) is HypervisorError
+            assert str(fake.path) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {},
+        {"result": {}},
+        {"error": "boom"},
+        {"error": {"class": 1, "desc": "boom"}},
+        {"error": {"class": "GenericError"}},
+        {"return": {}, "id": ["not", "hashable"]},
+    ],
+)
+async def test_malformed_reply_envelope_gives_hypervisor_error(tmp_path: Path, reply: Any) -> None:
+    """A reply without "return" or a well-formed "error" (or with a bad id) is a HypervisorError."""
+    async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
+        hv = hypervisor(fake.path, command_timeout=PROMPTLY * 2)
+        async with running(hv):
+            assert await hv.wait_connected(PROMPTLY)
+            fake.replies["inject-nmi"] = reply
+            started = time.monotonic()
+            with pytest.raises(HypervisorError, match="inject-nmi") as caught:
+                await hv.nmi()
+            assert time.monotonic() - started < PROMPTLY
+            assert not isinstance(caught.value, HypervisorTimeout)
+            assert str(fake.path) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [
+        {"QMP": 1},
+        {"hello": "world"},
+        {"QMP": {"version": [], "capabilities": []}},
+        {"QMP": {"version": {}, "capabilities": 3}},
+        [1, 2],
+        "QMP",
+    ],
+)
+async def test_malformed_greeting_is_not_a_session(tmp_path: Path, greeting: Any) -> None:
+    """A greeting of the wrong shape makes no session; execute() is unavailable and says why."""
+    async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
+        fake.greeting = greeting
+        hv = hypervisor(fake.path)
+        async with running(hv):
+            await fake.wait_for("connections", 2)  # the first attempt failed and it retried
+            assert not hv.connected
+            with pytest.raises(HypervisorUnavailable, match="greeting was not understood"):
+                await hv.execute("query-status")
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [{"error": {"class": "GenericError", "desc": "no"}}, {}, {"return": {}, "error": "x"}],
+)
+async def test_refused_negotiation_is_not_a_session(tmp_path: Path, reply: Any) -> None:
+    """A qmp_capabilities reply that is not a plain "return" makes no session, and says why."""
+    async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
+        fake.replies["qmp_capabilities"] = reply
+        hv = hypervisor(fake.path)
+        async with running(hv):
+            await fake.wait_for("connections", 2)  # the first attempt failed and it retried
+            assert not hv.connected
+            with pytest.raises(HypervisorUnavailable, match="qmp_capabilities was not accepted"):
+                await hv.execute("query-status")
