@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from serialmux.sdnotify import Notifier
 
@@ -35,6 +37,17 @@ def listener(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
     sock.settimeout(5)
     yield path, sock
     sock.close()
+
+
+def fill(path: str) -> int:
+    """Send datagrams to ``path`` until its queue is full (nobody reads it); return how many."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+        for sent in range(100_000):
+            try:
+                filler.sendto(b"filler", socket.MSG_DONTWAIT, path)
+            except BlockingIOError:
+                return sent
+    pytest.fail("the receive queue never filled")
 
 
 def test_disabled_when_unset(clean_env: pytest.MonkeyPatch) -> None:
@@ -159,3 +172,78 @@ async def test_watchdog_cadence(
                 assert await loop.sock_recv(sock, 4096) == b"WATCHDOG=1"
         pinger.cancel()
     n.close()
+
+
+async def test_full_queue_never_blocks_and_catches_up(listener: tuple[str, socket.socket]) -> None:
+    """With the manager's queue full, notify returns at once; READY and the newest STATUS follow."""
+    path, sock = listener
+    sock.setblocking(False)
+    filled = fill(path)
+    n = Notifier(path)
+    started = time.monotonic()
+    n.status("starting")
+    n.ready("1/2 consoles up, 0 sessions")
+    n.status("2/2 consoles up, 1 sessions")
+    n.status("2/2 consoles up, 0 sessions")
+    assert time.monotonic() - started < 0.5  # was 1 s per message
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(5):
+        for _ in range(filled):  # the manager reads again
+            assert await loop.sock_recv(sock, 4096) == b"filler"
+        # Sent by the retry timer, with nobody calling notify().
+        assert await loop.sock_recv(sock, 4096) == b"READY=1"
+        assert await loop.sock_recv(sock, 4096) == b"STATUS=2/2 consoles up, 0 sessions"
+        n.stopping()  # next in line: no stale STATUS was left waiting
+        assert await loop.sock_recv(sock, 4096) == b"STOPPING=1"
+    n.close()
+
+
+def test_waiting_messages_keep_order_without_a_loop(listener: tuple[str, socket.socket]) -> None:
+    """Outside a loop, waiting messages go out in order on the next notify; WATCHDOG coalesces."""
+    path, sock = listener
+    filled = fill(path)
+    n = Notifier(path)
+    n.reloading()
+    n.notify(WATCHDOG=1)
+    n.ready("up")
+    n.notify(WATCHDOG=1)
+    n.status("x")
+    for _ in range(filled):
+        assert sock.recv(4096) == b"filler"
+    n.stopping()
+    assert sock.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+    assert sock.recv(4096) == b"READY=1"
+    assert sock.recv(4096) == b"WATCHDOG=1"
+    assert sock.recv(4096) == b"STATUS=x"
+    assert sock.recv(4096) == b"STOPPING=1"
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):  # and nothing else
+        sock.recv(4096)
+    n.close()
+
+
+def test_wait_is_logged_once(listener: tuple[str, socket.socket]) -> None:
+    """A stall is logged once when a message first waits and once when all have gone out."""
+    path, sock = listener
+    filled = fill(path)
+    n = Notifier(path)
+    with capture_logs() as logs:
+        for i in range(20):
+            n.status(f"{i} consoles up")
+        for _ in range(filled):
+            sock.recv(4096)
+        n.status("done")
+    assert [e["event"] for e in logs] == ["sd_notify_deferred", "sd_notify_caught_up"]
+    assert sock.recv(4096) == b"STATUS=done"
+    n.close()
+
+
+def test_close_reports_what_it_could_not_send(listener: tuple[str, socket.socket]) -> None:
+    """Closing while the manager's queue is still full logs the READY it drops, not silently."""
+    path, _ = listener
+    fill(path)
+    n = Notifier(path)
+    n.ready("up")
+    with capture_logs() as logs:
+        n.close()
+    assert [(e["event"], e["fields"]) for e in logs] == [("sd_notify_dropped", "READY,STATUS")]
