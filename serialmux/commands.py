@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import io
 import shlex
 import threading
@@ -27,6 +26,7 @@ from .config import Role
 from .console import Console
 from .errors import SerialmuxError
 from .logs import follow_logs, parse_since, write_logs
+from .sshd import server_of
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -60,6 +60,12 @@ LOGS_WORKERS = 16
 MAX_FOLLOWS = 12
 MAX_FOLLOWS_PER_USER = 4
 STDIN_CHUNK = 4096
+# ``logs`` output goes out LOGS_CHUNK bytes at a time, each write waiting until
+# the client can take more (wait_drained), so a client that opens a huge SSH
+# window and stops reading holds at most about this much beyond the
+# transport's high-water mark, and is ended after stall_timeout.
+LOGS_CHUNK = 64 * 1024
+LOOP_MARGIN = 10.0  # seconds a worker allows the loop beyond stall_timeout
 _logs_executor = ThreadPoolExecutor(max_workers=LOGS_WORKERS, thread_name_prefix="serialmux-logs")
 _follows: collections.Counter[str] = collections.Counter()
 
@@ -303,7 +309,7 @@ async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, ident
                 f"{MAX_FOLLOWS} in all); close one, or use logs without -f")
         _follows[user] += 1
     try:
-        return await _run_logs(process, console, ns, since)
+        return await _run_logs(daemon, process, console, identity, ns, since)
     finally:
         if ns.follow:
             _follows[user] -= 1
@@ -311,13 +317,14 @@ async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, ident
                 del _follows[user]
 
 
-async def _run_logs(process: Any, console: Console, ns: argparse.Namespace,
-                    since: datetime | None) -> int:
+async def _run_logs(daemon: Daemon, process: Any, console: Console, identity: Identity,
+                    ns: argparse.Namespace, since: datetime | None) -> int:
     assert console.ring is not None
     loop = asyncio.get_running_loop()
     stop = threading.Event()
-    channel = _ChannelFile(process, loop)
-    sink = io.BufferedWriter(channel, buffer_size=64 * 1024)
+    channel = _ChannelFile(process, loop, server_of(process).writable,
+                           lambda: daemon.config.server.stall_timeout)
+    sink = io.BufferedWriter(channel, buffer_size=LOGS_CHUNK)
     path = console.ring.path
 
     def work() -> None:
@@ -328,17 +335,35 @@ async def _run_logs(process: Any, console: Console, ns: argparse.Namespace,
             follow_logs(path, sink, cursor, timestamps=ns.timestamps, as_json=ns.json,
                              raw=ns.raw, stop=stop)
 
-    reader = asyncio.ensure_future(loop.run_in_executor(_logs_executor, work))
-    closed = asyncio.ensure_future(_wait_eof(process))  # EOF or close ends a follow
+    reader = loop.run_in_executor(_logs_executor, work)
+    reader.add_done_callback(_retrieve)  # read below, or not at all if we are cancelled
+    # EOF on stdin ends a follow; a one-shot runs to its end (`ssh -n`, `</dev/null`).
+    closed: asyncio.Future[Any] = asyncio.ensure_future(
+        _wait_eof(process) if ns.follow else asyncio.Event().wait())
     try:
         await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.set()
-        channel.closed_flag = True
+        channel.close_now()  # a write waiting for the client fails now, not at its timeout
         closed.cancel()
-        with contextlib.suppress(asyncio.CancelledError, BrokenPipeError):
-            await reader
+        # The worker ends at its next write or poll; bounded all the same.
+        await asyncio.wait({reader}, timeout=daemon.config.server.stall_timeout)
+    if channel.stalled is not None:
+        daemon.audit.event("logs_stalled", vm=console.name, user=identity.user,
+                           session=identity.session_id, peer=identity.peer, command="logs",
+                           reason=str(channel.stalled), result="ended")
+        raise SerialmuxError(f"logs: {channel.stalled}; output ended (server.stall_timeout). "
+                             "Read the output as it comes, or use --lines/--since for less"
+                             ) from channel.stalled
+    failed = reader.exception() if reader.done() and not reader.cancelled() else None
+    if failed is not None and not isinstance(failed, BrokenPipeError):
+        raise failed  # RingError: the ring could not be read
     return 0
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _wait_eof(process: Any) -> None:
@@ -351,31 +376,94 @@ async def _wait_eof(process: Any) -> None:
             continue
 
 
+class ClientStalled(SerialmuxError):
+    """The client took nothing of what was sent for ``stall_timeout`` seconds."""
+
+
+async def wait_drained(process: Any, writable: asyncio.Event, buffered: Callable[[], int],
+                       stall_timeout: float) -> None:
+    """Wait until the client can take more: its channel window and the connection's TCP.
+
+    asyncssh's ``drain()`` follows only the SSH window, which a client may open
+    as wide as it likes (asyncssh caps no WINDOW_ADJUST); *writable* is the
+    connection's transport below its high-water mark (:class:`GatewayServer`
+    ``writable``), so between them what the server holds for one client stays
+    bounded. *buffered* counts bytes written and not yet sent. Raises
+    :class:`ClientStalled` after *stall_timeout* seconds. Every writer to a
+    client waits here: console sessions and ``logs``.
+    """
+    if writable.is_set() and not buffered():
+        # Everything written went out: drain cannot block (it still raises if
+        # the connection was lost), so no timeout to arm and cancel per chunk.
+        await process.stdout.drain()
+        return
+    try:
+        async with asyncio.timeout(stall_timeout):
+            await process.stdout.drain()
+            await writable.wait()
+    except TimeoutError:
+        raise ClientStalled(f"stalled: client read nothing for {stall_timeout:g} s") from None
+
+
 class _ChannelFile(io.RawIOBase):
-    """A blocking file for worker threads that writes to an SSH channel with backpressure."""
+    """A blocking file for worker threads that writes to an SSH channel with backpressure.
+
+    Each write sends at most :data:`LOGS_CHUNK` bytes, then waits in the loop
+    (:func:`wait_drained`) until the client can take more, at most
+    ``stall_timeout``; a client that takes nothing for that long ends the
+    command (``stalled`` is then set). Writes fail with BrokenPipeError once
+    the client is gone, stalled, or :meth:`close_now` was called.
+    """
 
     def __init__(self, process: asyncssh.SSHServerProcess[bytes],
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, writable: asyncio.Event,
+                 stall_timeout: Callable[[], float]) -> None:
         super().__init__()
         self._process = process
         self._loop = loop
+        self._writable = writable
+        self._stall_timeout = stall_timeout  # read per write: a reload may change it
+        self._sending: asyncio.Task[Any] | None = None  # the loop side of a write
         self.closed_flag = False
+        self.stalled: ClientStalled | None = None
 
     def writable(self) -> bool:
         return True
 
+    def close_now(self) -> None:
+        """Fail the write in progress and every later one (loop thread)."""
+        self.closed_flag = True
+        if self._sending is not None:
+            self._sending.cancel()
+
+    async def _send(self, chunk: bytes, stall_timeout: float) -> None:
+        # In the loop thread, as close_now: a write either sees the flag or is cancelled.
+        if self.closed_flag:
+            raise BrokenPipeError("logs output closed")
+        self._sending = asyncio.current_task()
+        try:
+            self._process.stdout.write(chunk)
+            await wait_drained(self._process, self._writable,
+                               self._process.channel.get_write_buffer_size, stall_timeout)
+        finally:
+            self._sending = None
+
     def write(self, data: Any) -> int:
         if self.closed_flag:
             raise BrokenPipeError("client went away")
-        chunk = bytes(data)
-
-        async def send() -> None:
-            self._process.stdout.write(chunk)
-            await asyncio.wait_for(self._process.stdout.drain(), 60)
-
+        with memoryview(data) as view:
+            chunk = bytes(view[:LOGS_CHUNK])  # a short write: BufferedWriter sends the rest
+        stall_timeout = self._stall_timeout()
+        sent = asyncio.run_coroutine_threadsafe(self._send(chunk, stall_timeout), self._loop)
         try:
-            asyncio.run_coroutine_threadsafe(send(), self._loop).result(90)
-        except Exception as exc:
+            # _send is bounded by stall_timeout; the margin covers a busy loop.
+            sent.result(stall_timeout + LOOP_MARGIN)
+        except ClientStalled as exc:
+            self.closed_flag = True
+            self.stalled = exc
+            raise BrokenPipeError("client stalled") from exc
+        except Exception as exc:  # gone, closed, cancelled by close_now, or the loop is stuck
+            sent.cancel()
             self.closed_flag = True
             raise BrokenPipeError("client went away") from exc
         return len(chunk)

@@ -360,18 +360,11 @@ class Session:
         await self._drain()
 
     async def _drain(self) -> None:
-        if self._writable.is_set() and not self._buffered():
-            # Everything written went out: drain cannot block (it still raises if
-            # the connection was lost), so no timeout to arm and cancel per chunk.
-            await self.process.stdout.drain()
-            return
-        timeout = self.daemon.config.server.stall_timeout
         try:
-            async with asyncio.timeout(timeout):
-                await self.process.stdout.drain()
-                await self._writable.wait()
-        except TimeoutError:
-            self.end(f"stalled: client read nothing for {timeout:g} s", status=1)
+            await commands.wait_drained(self.process, self._writable, self._buffered,
+                                        self.daemon.config.server.stall_timeout)
+        except commands.ClientStalled as exc:
+            self.end(str(exc), status=1)
             raise _Over from None
 
     def _on_notice(self, offset: int, text: str) -> None:

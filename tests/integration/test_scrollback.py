@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import asyncssh
+import pytest
 
 from serialmux.ring import Record, RecordKind, RingReader, Skipped
-from tests.support import WAIT, Gateway, PtyVM, RawSession, User
+from tests.support import WAIT, Gateway, PtyVM, RawSession, User, openssh_args
 
 SERIALMUX = [sys.executable, "-m", "serialmux"]
 
@@ -74,6 +76,22 @@ async def test_logs_command_over_ssh(gw: Gateway, users: dict[str, User], vm: Pt
     assert objects
     assert all("seq" in o and "kind" in o for o in objects)
     conn.close()
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+async def test_logs_over_openssh_with_stdin_closed_prints_it_all(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """ssh -n VM@host logs (stdin at EOF at once, as in scripts and cron jobs) prints the
+    whole tail: EOF ends only logs -f."""
+    await print_lines(gw, vm, 20_000)
+    args = [*openssh_args(gw, users["carol"], "web-01", "-n"), "logs", "--lines", "20000"]
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(WAIT * 3):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert len(re.findall(rb"^line \d{5}\r$", out, re.MULTILINE)) == 20_000
+    assert out.endswith(b"line 19999\r\n")
 
 
 async def test_cli_logs_reads_ring_while_daemon_runs_and_follows(
@@ -187,6 +205,69 @@ async def test_slow_client_is_told_how_much_it_skipped(gw: Gateway, users: dict[
     skipped = int(re.search(rb"(\d+) bytes skipped", session.err).group(1))
     assert len(session.out) + skipped == len(payload)
     chan.close()
+
+
+async def test_logs_to_a_client_that_stops_reading_is_bounded_and_ended(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """logs to a client with a huge SSH window that stops reading TCP: the daemon holds under
+    1 MiB for it, serves others meanwhile, and ends the command after stall_timeout."""
+    from tests.support import gateway
+
+    mib = 1 << 20
+    vm.start()
+    async with gateway(tmp_path, vms={"web-01": vm.port},
+                       users={"alice": users["alice"], "carol": users["carol"]},
+                       grants=[(["alice"], ["*"], "owner"), (["carol"], ["*"], "reader")],
+                       vm_extra={"web-01": 'ring_size = "32MiB"'}) as g:
+        assert g.daemon is not None
+        line = b"z" * 79 + b"\n"
+        for _ in range(24):  # 24 MiB of scrollback, far more than any bound below
+            g.console("web-01").ring.append(line * (mib // len(line)))
+        conn = await g.connect(users["carol"], "web-01")
+        # asyncssh takes any WINDOW_ADJUST: drain() alone would let all 24 MiB be queued.
+        chan, session = await conn.create_session(
+            RawSession, "logs --raw --lines 10000000", encoding=None, window=2**31)
+        async with asyncio.timeout(WAIT):
+            await session.changed.wait()  # the daemon is sending
+        conn._transport.pause_reading()  # the client reads no more TCP; its window stays open
+        server = next(s for s in g.daemon.connections.servers
+                      if s.identity is not None and s.identity.user == "carol")
+        transport = server._conn._transport
+        running = next(e for e in g.daemon.connections.execs if e.identity.user == "carol")
+
+        def held() -> int:
+            """Bytes the daemon holds for carol: its transport's buffer and the channel's."""
+            return int(transport.get_write_buffer_size()
+                       + running.process.channel.get_write_buffer_size())
+
+        # Others are served while carol's logs is held (a worker thread and her connection).
+        other = await g.attach(users["alice"], "web-01+replay=0", subsystem="console")
+        await g.wait_audit("attach", user="alice")
+        vm.write(b"alice still served\r\n")
+        await other.wait_out(b"alice still served\r\n")
+        result = await (await g.connect(users["alice"], "web-01")).run(
+            "logs --raw --lines 1", encoding=None)
+        assert result.exit_status == 0
+        assert result.stdout == b"alice still served\r\n"
+        assert running in g.daemon.connections.execs
+        assert not any(e["event"] == "logs_stalled" for e in g.audit_events)
+        assert held() < mib
+        # stall_timeout (5 s in tests) later the command is ended. While carol reads nothing
+        # the held bytes only grow, so their size now is their peak.
+        try:
+            rec = await g.wait_audit("logs_stalled", user="carol")
+        except TimeoutError:
+            raise AssertionError(f"logs never ended; {held()} bytes held for carol") from None
+        assert rec["reason"] == "stalled: client read nothing for 5 s"
+        assert held() < mib, f"{held()} bytes held for a client that reads nothing"
+        assert not server.writable.is_set()  # the transport's mark held it, not the window
+        conn._transport.resume_reading()
+        await asyncio.wait_for(chan.wait_closed(), WAIT)
+        assert chan.get_exit_status() == 1
+        assert b"serialmux: logs: stalled: client read nothing for 5 s" in session.err
+        assert 0 < len(session.out) < 24 * mib
+        assert session.out.startswith(line)
+        await other.close()
 
 
 async def test_unreadable_ring_is_moved_aside_and_daemon_serves(
