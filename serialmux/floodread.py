@@ -87,7 +87,7 @@ class FloodReader:
         self._stopping = False
         self._paused = False  # flow control: the console's writer is behind
         self.finished: asyncio.Future[None] = loop.create_future()
-        self._thread = threading.Thread(target=self._run, name=f"serialmux-{name}",
+        self._thread = threading.Thread(target=self._run, name=f"serialmux-flood-{name}",
                                         daemon=True)
 
     def start(self) -> None:

@@ -14,7 +14,9 @@ Bytes flow one way out of here: every chunk read is handed to the
 :class:`PortSink` (the console) in the event loop thread, as large as the OS
 gave it. When the VM goes away (EOF, EIO, refused, path gone) the sink hears
 ``port_down`` once, and the port is retried with capped exponential backoff;
-``port_up`` follows when it is back.
+``port_up`` follows when it is back. A port that is stopped (reload, discovery,
+shutdown) or lost is aborted, never closed gracefully: what the guest has not
+read yet is dropped, since a hung guest would otherwise hold the fd for ever.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ WRITE_HIGH_WATER = 64 * 1024
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 STABLE_AFTER = 2.0  # an open that lasted this long resets the backoff
+LOST_TIMEOUT = 2.0  # the longest a stopped port waits for its transport to close its fd
 BREAK_SECONDS = 0.25
 
 IAC, BRK, SB, SE = 0xFF, 0xF3, 0xFA, 0xF0
@@ -125,6 +128,8 @@ class _DirectSerial(serial.Serial):  # type: ignore[misc]  # pyserial is untyped
     writable.
     """
 
+    fd: Any  # pyserial's (untyped): the port's fd while open, else None
+
     _ABORT_PIPES = ("pipe_abort_read_r", "pipe_abort_read_w", "pipe_abort_write_r",
                     "pipe_abort_write_w")
 
@@ -173,6 +178,37 @@ class _DirectSerial(serial.Serial):  # type: ignore[misc]  # pyserial is untyped
         except OSError as exc:
             raise serial.SerialException(f"write failed: {_describe(exc)}") from exc
 
+    def close(self) -> None:
+        # pyserial's close() os.close()s the abort pipes open() closed: a TypeError
+        # after the fd is gone, and is_open left True.
+        fd, self.fd = self.fd, None
+        self.is_open = False
+        if fd is not None:
+            os.close(fd)
+
+
+class _SerialTransport(serial_asyncio_fast.SerialTransport):
+    """pyserial-asyncio-fast's transport, closed at once rather than after the guest reads.
+
+    Its ``close()`` (and its own close on a read error) keeps the port open until
+    the write buffer is empty, then runs ``tcdrain`` in an executor thread: a hung
+    guest that never reads kept the fd, the write watcher and the buffered typing
+    for ever, and a thread too. Here every close is an abort: what the guest has
+    not taken is dropped, the port is closed and ``connection_lost`` called, once
+    (the library's abort after its close would close the fd a second time).
+    """
+
+    _lost_scheduled = False
+
+    def _close(self, exc: Exception | None = None) -> None:
+        self._abort(exc)
+
+    def _abort(self, exc: BaseException | None) -> None:
+        if self._lost_scheduled:
+            return
+        self._lost_scheduled = True
+        super()._abort(exc)
+
 
 def _pty_identity(path: str) -> tuple[int, int] | None:
     """Identify the PTY now at *path* (a plain /dev/pts/N, not a symlink), else None.
@@ -202,9 +238,37 @@ class _PortProtocol(asyncio.Protocol):
         self.transport: asyncio.BaseTransport | None = None
         self._flood: FloodReader | None = None
         self._paused = False
+        self._aborted = False
+        self._lost = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if self._aborted:  # stopped before the transport told us about itself
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection now (serialmux stops or replaces the port).
+
+        Bytes the guest has not taken are discarded rather than waited for, the
+        fd is closed and :meth:`connection_lost` follows (see :meth:`wait_lost`).
+        Called again, or before ``connection_made``, it does no harm.
+        """
+        self._aborted = True
+        if self.transport is None or self._lost.is_set():
+            return
+        # Every port transport has abort(); uvloop's are not asyncio.WriteTransports.
+        transport: Any = self.transport
+        transport.abort()
+
+    async def wait_lost(self) -> None:
+        """Return once :meth:`connection_lost` has run (the fd is closed), or after
+        :data:`LOST_TIMEOUT` with a warning."""
+        try:
+            async with asyncio.timeout(LOST_TIMEOUT):
+                await self._lost.wait()
+        except TimeoutError:
+            log.warning("port_close_slow", vm=self._port.vm.name, port=self._port.description,
+                        waited=LOST_TIMEOUT)
 
     def data_received(self, data: bytes) -> None:
         self._deliver(data)
@@ -254,11 +318,13 @@ class _PortProtocol(asyncio.Protocol):
         self._paused = paused
         if self._flood is not None:
             self._flood.pause(paused)
-        elif isinstance(self.transport, asyncio.ReadTransport):
+        elif self.transport is not None:
+            # Every port transport reads; uvloop's are not asyncio.ReadTransports.
+            transport: Any = self.transport
             if paused:
-                self.transport.pause_reading()
+                transport.pause_reading()
             else:
-                self.transport.resume_reading()
+                transport.resume_reading()
 
     def stop_flood(self) -> FloodReader | None:
         """Stop a flood thread reading this port, if any; return it (to wait for it)."""
@@ -272,6 +338,7 @@ class _PortProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost.set()
         self.stop_flood()
         self._finish(_describe(exc) if exc else "closed")
         self._can_write.set()
@@ -375,11 +442,7 @@ class VMPort:
                     reason = await protocol.closed
                 finally:
                     self._protocol = None
-                    if protocol.transport is not None:
-                        protocol.transport.close()
-                    flood = protocol.stop_flood()
-                    if flood is not None:
-                        await flood.wait_stopped()
+                    await _stop(protocol)
                 self.sink.port_down(reason)
                 log.info("port_lost", vm=self.vm.name, port=self.description, reason=reason)
                 if loop.time() - started >= STABLE_AFTER:
@@ -416,7 +479,7 @@ class VMPort:
             # which keeps start-up fast with thousands of consoles.
             port = _DirectSerial(path, baudrate=self.vm.baud, bytesize=8, parity="N",
                                  stopbits=1, xonxoff=False, rtscts=False, dsrdtr=False)
-            transport = serial_asyncio_fast.SerialTransport(loop, protocol, port)
+            transport = _SerialTransport(loop, protocol, port)
             # The transport reads 1 KiB at a time unless told; reads should be as
             # large as the port gives (private attribute, pinned by our tests).
             transport._max_read_size = READ_SIZE
@@ -439,8 +502,11 @@ class VMPort:
         arrivals: asyncio.Queue[_PortProtocol] = asyncio.Queue()
 
         def factory() -> _PortProtocol:
-            if self._protocol is not None and self._protocol.transport is not None:
-                self._protocol.transport.close()  # the newest connection wins
+            # The newest connection wins: QEMU reconnected, so older ones are stale.
+            if self._protocol is not None:
+                self._protocol.abort()
+            while not arrivals.empty():
+                arrivals.get_nowait().abort()
             protocol = _PortProtocol(self)
             arrivals.put_nowait(protocol)
             return protocol
@@ -455,16 +521,19 @@ class VMPort:
                 try:
                     reason = await protocol.closed
                 finally:
+                    # Stopped (reload, shutdown) or lost: QEMU's connection is closed
+                    # either way, so it reconnects to whichever listener is there next.
                     self._protocol = None
+                    await _stop(protocol)
                 self.sink.port_down(reason)
         finally:
-            server.close()
+            server.close()  # closes the listener only, not the connections it accepted
+            leftovers = []
             while not arrivals.empty():
-                leftover = arrivals.get_nowait()
-                if leftover.transport is not None:
-                    leftover.transport.close()
+                leftovers.append(arrivals.get_nowait())
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            await asyncio.gather(*(_stop(leftover) for leftover in leftovers))
 
     def write_now(self, data: bytes) -> bool:
         """Send *data* to the guest if the port is up and takes it now; else False, nothing sent."""
@@ -508,6 +577,15 @@ class VMPort:
             return None
         return ("a plain socket port cannot carry a BREAK; use a unix+telnet: port "
                 "(QEMU telnet=on) or SysRq through QMP")
+
+
+async def _stop(protocol: _PortProtocol) -> None:
+    """Close a port's connection at once and wait (bounded) until its fds are closed."""
+    protocol.abort()
+    flood = protocol.stop_flood()
+    if flood is not None:
+        await flood.wait_stopped()
+    await protocol.wait_lost()
 
 
 class _NotReady(Exception):

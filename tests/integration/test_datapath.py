@@ -149,7 +149,7 @@ async def test_stopping_mid_flood_ends_the_thread(gw: Gateway, users: dict[str, 
     finally:
         flooding.cancel()
     assert FloodReader.active == 0
-    assert not [t for t in threading.enumerate() if t.name.startswith("serialmux-")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("serialmux-flood-")]
 
 
 async def test_no_cbc_era_ignore_packets(gw: Gateway, users: dict[str, User], vm: PtyVM,

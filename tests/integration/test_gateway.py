@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import select
+import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
 
-from tests.support import Gateway, PtyVM, SocketVM, User, gateway
+from tests.support import WAIT, Gateway, PtyVM, RawSession, SocketVM, User, gateway
 
 ALL_BYTES = bytes(range(256))
 
@@ -343,6 +346,95 @@ async def test_tcp_port_carries_bytes_both_ways(tmp_path: Path, users: dict[str,
             w.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_socket_port_waits_for_a_writer_that_keeps_up(tmp_path: Path,
+                                                            users: dict[str, User]) -> None:
+    """Flow control on a socket port, on both loops (uvloop's transports are no
+    asyncio.ReadTransports): while the writer's client is behind, the port is not read and
+    the guest waits; the writer misses nothing."""
+    vm = SocketVM(tmp_path / "vm.sock")
+    await vm.start()
+    async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")]) as g:
+        conn = await g.connect(users["alice"], "web-01+replay=0")
+        chan, session = await conn.create_session(RawSession, subsystem="console",
+                                                  encoding=None, window=64 * 1024)
+        await g.wait_audit("attach", user="alice")
+        vm.write(b"ready\n")
+        await session.wait_out_end(b"ready\n")
+        console = g.console("web-01")
+        chan.pause_reading()
+        payload = b"".join(b"%07d %s\n" % (i, b"s" * 71) for i in range(100_000))  # 8 MB
+        vm.write(payload)
+        async with asyncio.timeout(WAIT):
+            while not console.flow_paused:
+                await console.backlog.wait_beyond(console.backlog.end)
+        chan.resume_reading()
+        await session.wait_out_end(payload[-80:])
+        assert bytes(session.out) == b"ready\n" + payload
+        assert b"skipped" not in session.err
+        chan.close()
+    await vm.stop()
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the other end of *sock* has closed, without reading what is queued."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return bool(poller.poll(0))
+
+
+@pytest.mark.parametrize("kind", ["unix", "listen:unix"])
+async def test_hung_socket_guest_is_closed_at_once_when_its_console_stops(
+        kind: str, tmp_path: Path, users: dict[str, User]) -> None:
+    """A socket guest (QEMU server or client) that stopped reading, typing queued in the
+    daemon's transport: a reload reopening its port drops the typing and closes it at once."""
+    path = tmp_path / "vm.sock"
+    loop = asyncio.get_running_loop()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.setblocking(False)
+    guest: socket.socket | None = None
+    if kind == "unix":  # QEMU -chardev socket,server=on: the daemon connects
+        listener.bind(str(path))
+        listener.listen()
+    try:
+        async with gateway(tmp_path, vms={"web-01": f"{kind}:{path}"},
+                           users={"alice": users["alice"]},
+                           grants=[(["alice"], ["*"], "owner")]) as g:
+            assert g.daemon is not None
+            async with asyncio.timeout(10):
+                if kind == "unix":
+                    guest, _ = await loop.sock_accept(listener)
+                else:  # QEMU server=off: it connects to the daemon's socket
+                    await g.console("web-01").port.tried.wait()
+                    guest = listener
+                    await loop.sock_connect(guest, str(path))
+            c = await g.attach(users["alice"], "web-01+replay=0", subsystem="console")
+            await g.wait_audit("attach", user="alice")
+            guest.send(b"ready\n")
+            await c.wait_out(b"ready\n")  # the daemon reads this connection
+            protocol = g.console("web-01").port._protocol
+            assert protocol is not None
+            transport: Any = protocol.transport  # uvloop's is no asyncio.WriteTransport
+            c.send(b"k" * 4 * 1024 * 1024)  # the guest never reads: beyond both socket buffers
+            async with asyncio.timeout(10):  # nothing signals it: re-check every 10 ms
+                while not transport.get_write_buffer_size():
+                    await asyncio.sleep(0.01)
+            assert not _peer_closed(guest)
+            if kind == "unix":
+                g.vms = {"web-01": f"unix:{tmp_path / 'elsewhere.sock'}"}
+            else:
+                g.vm_extra = {"web-01": 'ring_size = "128KiB"'}
+            g.config_path.write_text(g.toml())
+            assert await g.daemon.reload("test")
+            assert _peer_closed(guest)  # the reload waited for the close; nothing was drained
+            assert transport.get_write_buffer_size() == 0
+            await c.close()
+    finally:
+        if guest is not None and guest is not listener:
+            guest.close()
+        listener.close()
 
 
 async def test_missing_host_key_is_created_ed25519_0600(gw: Gateway) -> None:

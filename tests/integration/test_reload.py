@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncssh
@@ -17,7 +18,16 @@ from serialmux.config import parse_config
 from serialmux.mfa import TotpStore
 from serialmux.reload import plan_reload
 from tests.integration.conftest import GRANTS
-from tests.support import WAIT, Client, Gateway, PtyVM, User, gateway, run_cli
+from tests.support import (
+    WAIT,
+    Client,
+    Gateway,
+    PtyVM,
+    User,
+    gateway,
+    run_cli,
+    wait_out_after,
+)
 
 
 @pytest.fixture
@@ -173,6 +183,86 @@ async def test_changed_port_is_reopened_and_session_kept(
     await c.wait_out(b"from the new port")
     assert b"new port" not in vm.received
     await c.close()
+
+
+def fds_on(path: str) -> int:
+    """How many fds of this process (the daemon's and the test's own) are open on *path*."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own fd, or one closed meanwhile
+            count += os.readlink(f"/proc/self/fd/{fd}") == path
+    return count
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Wait until *predicate()* holds, re-checked every 10 ms: for state nothing signals."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("change", ["removed", "port changed"])
+async def test_reload_closes_a_hung_guests_pty_with_typing_queued_at_once(
+        change: str, spare: list[PtyVM], gw: Gateway, users: dict[str, User],
+        vm: PtyVM) -> None:
+    """A guest that stopped reading, typing queued in the port: a reload that removes the VM
+    or changes its port drops that typing and closes the daemon's fd on the PTY at once."""
+    assert gw.daemon is not None
+    c = await gw.attach(users["alice"], "web-01+replay=0", subsystem="console")
+    await gw.wait_audit("attach", user="alice")
+    vm.write(b"ready\n")
+    await c.wait_out(b"ready\n")
+    assert fds_on(vm.slave_path) == 2  # the guest's own (PtyVM keeps one open) and the daemon's
+    asyncio.get_running_loop().remove_reader(vm.master)  # the guest hangs: its PTY fills
+    c.send(b"k" * 256 * 1024)
+    protocol = gw.console("web-01").port._protocol
+    assert protocol is not None
+    transport = protocol.transport
+    assert isinstance(transport, asyncio.WriteTransport)
+    await wait_until(lambda: transport.get_write_buffer_size() > 0)
+    gw.vms = {"web-02": spare[0].port} if change == "removed" else {"web-01": spare[0].port}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    await wait_until(lambda: fds_on(vm.slave_path) == 1, timeout=5)  # the guest's own only
+    assert transport.is_closing()
+    assert transport.get_write_buffer_size() == 0  # the typing was dropped, not kept for later
+    await c.close()
+
+
+async def test_reload_of_a_listen_console_closes_qemus_connection(
+        tmp_path: Path, users: dict[str, User]) -> None:
+    """A reload reopening a listen:unix console (ring_size changed) closes QEMU's connection
+    (EOF), so QEMU reconnects to the new socket, which carries output and typing again."""
+    path = tmp_path / "web01.sock"
+    async with gateway(tmp_path, vms={"web-01": f"listen:unix:{path}"},
+                       users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")]) as gw:
+        assert gw.daemon is not None
+        # QEMU with -chardev socket,server=off,reconnect=1
+        old_reader, old_writer = await asyncio.open_unix_connection(str(path))
+        c = await gw.attach(users["alice"], "web-01")
+        old_writer.write(b"before the reload\r\n")
+        await c.wait_out(b"before the reload")
+        gw.vm_extra = {"web-01": 'ring_size = "128KiB"'}
+        rewrite(gw)
+        offset = len(c.out)
+        assert await gw.daemon.reload("test")
+        async with asyncio.timeout(WAIT):
+            assert await old_reader.read() == b""  # EOF: the daemon closed its end
+        old_writer.close()
+        async with asyncio.timeout(WAIT):  # the new port is listening
+            await gw.console("web-01").port.tried.wait()
+        reader, writer = await asyncio.open_unix_connection(str(path))  # QEMU reconnects
+        try:
+            await wait_out_after(c, offset, b"web-01 console is up")
+            writer.write(b"after the reload\r\n")
+            await wait_out_after(c, offset, b"after the reload")
+            c.send(b"typed after\r")
+            async with asyncio.timeout(WAIT):
+                assert (await reader.readuntil(b"typed after\r")).endswith(b"typed after\r")
+        finally:
+            writer.close()
+        await c.close()
 
 
 # ----------------------------------------------------------------------------
