@@ -361,9 +361,9 @@ class Daemon:
             return None
         if ring.recovered_from is not None:
             log.warning("ring_moved_aside", vm=vm.name, path=str(path),
-                        moved_to=str(ring.recovered_from))
-            self.audit.event("ring_recovered", vm=vm.name, reason="unreadable ring moved aside",
-                             path=str(ring.recovered_from))
+                        moved_to=str(ring.recovered_from), reason=ring.recovered_reason)
+            self.audit.event("ring_recovered", vm=vm.name, path=str(ring.recovered_from),
+                             reason=f"old ring moved aside: {ring.recovered_reason}")
         try:
             ring.marker(RecordKind.DAEMON_START, "serialmux started")
         except (RingError, OSError) as exc:  # the console reports it on its next write

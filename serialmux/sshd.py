@@ -56,7 +56,6 @@ _EMPTY_STRING = b"\0\0\0\0"
 SIG_ALGS = ["ssh-ed25519", "sk-ssh-ed25519@openssh.com", "ecdsa-sha2-nistp256",
             "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ecdsa-sha2-nistp256@openssh.com",
             "rsa-sha2-512", "rsa-sha2-256"]
-TRANSPORT_HIGH_WATER = 256 * 1024
 
 
 def ensure_host_key(path: Path) -> asyncssh.SSHKey:

@@ -247,6 +247,8 @@ async def test_reload_of_a_listen_console_closes_qemus_connection(
         rewrite(gw)
         offset = len(c.out)
         assert await gw.daemon.reload("test")
+        rec = await gw.wait_audit("ring_recovered", vm="web-01")
+        assert "ring size changed" in rec["reason"]  # a resize, not an unreadable ring
         async with asyncio.timeout(WAIT):
             assert await old_reader.read() == b""  # EOF: the daemon closed its end
         old_writer.close()

@@ -281,7 +281,8 @@ async def test_unreadable_ring_is_moved_aside_and_daemon_serves(
     vm.start()
     async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
                        grants=[(["alice"], ["*"], "owner")]) as g:
-        await g.wait_audit("ring_recovered", vm="web-01")
+        rec = await g.wait_audit("ring_recovered", vm="web-01")
+        assert "bad magic" in rec["reason"]
         assert list(rings.glob("web-01.ring.bad-*"))
         c = await g.attach(users["alice"], "web-01", subsystem="console")
         vm.write(b"fresh\r\n")
