@@ -10,14 +10,24 @@ per event with ``id`` (unique), ``index`` (increasing in this process),
 log and, when configured, to an audit file reopened on SIGUSR1 for rotation.
 Console bytes never appear in either; strings that come from users are
 escaped and length-capped by :func:`clean`.
+
+Log lines are written by a thread of their own, not by the event loop: a
+journald (or a pipe) that stops taking stdout would otherwise stall every
+console at its next log line. Up to :data:`LOG_QUEUE` records wait for it;
+past that they are dropped, counted, and the count is logged once the writer
+gets through again (``log_lines_dropped``).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 import threading
 import uuid
@@ -28,6 +38,10 @@ from typing import Any, TextIO
 import structlog
 
 MAX_FIELD = 200  # characters kept of any user-supplied string
+#: Log records waiting for the writer thread; more are dropped (and counted) meanwhile.
+LOG_QUEUE = 10_000
+#: The longest the process waits at exit for the writer to write what is queued.
+FLUSH_AT_EXIT = 2.0
 
 
 def clean(value: object, limit: int = MAX_FIELD) -> object:
@@ -69,11 +83,78 @@ def configure(level: str = "info", *, stream: TextIO | None = None, json_logs: b
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     ))
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+    handoff = _Handoff(queue.Queue(LOG_QUEUE))
+    _writer = _Writer(handoff, handler)
+    _writer.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handoff]
     root.setLevel(level.upper())
     # asyncssh logs every packet-level step at INFO; keep its warnings only.
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+
+class _Handoff(logging.handlers.QueueHandler):
+    """Queues each record for the writer thread as it is, never waiting; counts what it drops."""
+
+    def __init__(self, records: queue.Queue[Any]) -> None:
+        super().__init__(records)
+        self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # The default renders the message here, on the caller's thread, and turns
+        # structlog's event dict into a string; the writer's formatter needs the dict.
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _Writer(logging.handlers.QueueListener):
+    """The thread that writes log lines; reports records the handoff had to drop."""
+
+    def __init__(self, handoff: _Handoff, handler: logging.Handler) -> None:
+        super().__init__(handoff.queue, handler)
+        self._handoff = handoff
+        self._reported = 0
+
+    def handle(self, record: logging.LogRecord) -> None:
+        super().handle(record)
+        dropped = self._handoff.dropped
+        if dropped != self._reported:
+            note = logging.LogRecord(
+                "serialmux.log", logging.WARNING, __file__, 0,
+                f"log_lines_dropped: {dropped - self._reported} log lines dropped while "
+                "stdout took nothing", None, None)
+            self._reported = dropped
+            super().handle(note)
+
+    def enqueue_sentinel(self) -> None:
+        with contextlib.suppress(queue.Full):  # full: the thread is a daemon thread anyway
+            self.queue.put_nowait(self._sentinel)  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        """Write what is queued (at most FLUSH_AT_EXIT seconds), then end the thread."""
+        thread = self._thread
+        if thread is None:
+            return
+        self.enqueue_sentinel()
+        thread.join(FLUSH_AT_EXIT)
+        self._thread = None
+
+
+_writer: _Writer | None = None
+
+
+@atexit.register
+def _flush_logs() -> None:
+    if _writer is not None:
+        _writer.stop()
 
 
 def get_logger(name: str) -> Any:
