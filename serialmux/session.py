@@ -247,6 +247,11 @@ class Session:
                     raise _Over
             except* _Over:
                 pass
+            except* (BrokenPipeError, ConnectionError, asyncssh.Error):
+                # This channel went away under a write or drain. Only this session
+                # ends: escaping as an ExceptionGroup, it made asyncssh close the
+                # whole connection, every other session multiplexed on it too.
+                self.end("client closed")
         finally:
             console.detach(self.att, self._end_reason)
             self.daemon.session_ended(self)

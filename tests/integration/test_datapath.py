@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+from collections.abc import Callable
 
 import asyncssh
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from serialmux import console as console_mod
 from serialmux.floodread import FloodReader
 from serialmux.ring import Record, RecordKind, RingReader
-from tests.support import WAIT, Gateway, PtyVM, RawSession, User
+from tests.support import WAIT, Client, Gateway, PtyVM, RawSession, User
 
 
 def _payload(lines: int, fill: str = "f") -> bytes:
@@ -243,6 +244,46 @@ async def test_typing_into_a_full_port_one_key_at_a_time_keeps_the_daemon_runnin
     await vm.wait_received(keys[-6:], timeout=WAIT * 3)
     assert bytes(vm.received) == keys
     chan.close()
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    """Wait until *predicate()* holds, re-checked every 10 ms: for state nothing signals."""
+    async with asyncio.timeout(WAIT):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_closing_one_channel_mid_flood_leaves_the_others_on_its_connection(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """Two sessions on one SSH connection (OpenSSH ControlMaster), the guest flooding: the
+    client closing the channel of one that is not reading ends that session only; the
+    connection and the other session go on. (Whether the session ends by its output or
+    its input noticing first is a race, so it is run 25 times.)"""
+
+    async def flood() -> None:
+        while True:
+            await vm.send(b"x" * 60_000 + b"\n", timeout=60)
+
+    for trial in range(25):
+        conn = await gw.connect(users["alice"], "web-01+ro+replay=0")
+        first = await conn.create_process(term_type=None, encoding=None)  # never read
+        second = Client(conn, await conn.create_process(term_type=None, encoding=None))
+        await _until(lambda: len(gw.console("web-01").attachments) == 2)
+        flooding = asyncio.ensure_future(flood())
+        try:
+            # Past the first one's 2 MiB window: its output waits for it to read.
+            await _until(lambda: len(second.out) > 3_000_000)
+            first.channel.close()
+            await _until(lambda: len(gw.console("web-01").attachments) == 1)
+        finally:
+            flooding.cancel()
+        marker = f"trial {trial} after the close\n".encode()
+        vm.write(marker)
+        await second.wait_out(marker)
+        assert not any(e["event"] == "disconnect" for e in gw.audit_events)
+        conn.close()
+        await gw.wait_audit("disconnect")
+        gw.audit_events.clear()
 
 
 async def test_typing_after_an_escape_waits_for_it(gw: Gateway, users: dict[str, User],
