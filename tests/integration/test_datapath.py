@@ -272,7 +272,7 @@ async def test_closing_one_channel_mid_flood_leaves_the_others_on_its_connection
         flooding = asyncio.ensure_future(flood())
         try:
             # Past the first one's 2 MiB window: its output waits for it to read.
-            await _until(lambda: len(second.out) > 3_000_000)
+            await _until(lambda out=second.out: len(out) > 3_000_000)
             first.channel.close()
             await _until(lambda: len(gw.console("web-01").attachments) == 1)
         finally:
