@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import json
 import os
@@ -54,6 +55,10 @@ ADMIN_GROUP = "serialmux"
 REQUEST_TIMEOUT = 10.0  # for the first line of a connection
 IDLE_TIMEOUT = 300.0  # between later requests on one connection
 MAX_LINE = 64 * 1024
+#: How long accepting pauses after a failed accept (asyncio's own servers wait as long).
+ACCEPT_RETRY_DELAY = 1.0
+#: accept() errors that say the process or host is short of fds or memory for a moment.
+_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACTIONS = {"break": Action.BREAK, "sysrq": Action.SYSRQ, "nmi": Action.NMI,
             "reset": Action.RESET}
 
@@ -170,15 +175,48 @@ class ControlServer:
             self._accept_task = tasks.create_task(self._accept(tasks))
 
     async def _accept(self, tasks: asyncio.TaskGroup) -> None:
+        """Accept connections until cancelled (:meth:`close`).
+
+        A failed accept never ends the daemon: out of fds or memory for a moment
+        (EMFILE, ENFILE, ENOBUFS, ENOMEM), or anything else the kernel says, is
+        logged once per streak and accepting pauses for :data:`ACCEPT_RETRY_DELAY`,
+        as asyncio's own servers do; the caller waiting in the backlog is served then.
+        """
         loop = asyncio.get_running_loop()
         sock = self._sock
         assert sock is not None
+        failed = 0
+        logged: str | None = None
         try:
             while True:
-                conn, _ = await loop.sock_accept(sock)
+                try:
+                    conn, _ = await loop.sock_accept(sock)
+                except ConnectionAbortedError:
+                    continue  # the caller gave up before it was accepted
+                except OSError as exc:
+                    failed += 1
+                    reason = _accept_error(exc)
+                    if reason != logged:
+                        self._accept_failed(exc, reason)
+                        logged = reason
+                    await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                    continue
+                if failed:
+                    log.info("control_accept_resumed", path=str(self.path), failures=failed)
+                    failed, logged = 0, None
                 tasks.create_task(self._connection(conn))
         finally:
             sock.close()
+
+    def _accept_failed(self, exc: OSError, reason: str) -> None:
+        if exc.errno in _ACCEPT_RESOURCE_ERRNOS:
+            log.warning("control_accept_failed", path=str(self.path), error=reason,
+                        retry_in=ACCEPT_RETRY_DELAY,
+                        hint="the daemon is short of file descriptors or memory: raise "
+                        "LimitNOFILE, or find what holds them")
+        else:
+            log.error("control_accept_failed", path=str(self.path), error=reason,
+                      retry_in=ACCEPT_RETRY_DELAY, hint="unexpected; accepting goes on")
 
     def close(self) -> None:
         """Stop accepting and remove the socket; connections already open go on."""
@@ -355,6 +393,13 @@ class ControlServer:
                        "mode": "read-only" if read_only else "writer"})
         # No await between the checks above and session.run()'s attach: no race.
         await session.run()
+
+
+def _accept_error(exc: OSError) -> str:
+    """``EMFILE: Too many open files``, or what there is to say of an errno-less error."""
+    if exc.errno is not None:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
 
 
 def _send(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:

@@ -5,7 +5,8 @@
 * ``pty:`` / ``tty:`` through pyserial-asyncio-fast, raw 8N1 at the configured baud;
 * ``unix:`` / ``tcp:`` as an asyncio client connection (QEMU ``-chardev socket,server=on``);
 * ``listen:unix:`` as a server QEMU connects to (``server=off,reconnect=1``): the
-  daemon owns the listener, so no output is lost to a race with other clients;
+  daemon owns the listener, so no output is lost to a race with other clients; a
+  listener that cannot be bound (its directory not there yet) is retried like an open;
 * ``+telnet`` framing for QEMU chardevs with ``telnet=on`` (0xFF escaped both
   ways, ``IAC BRK`` for a serial BREAK, which QEMU turns into a real one);
 * ``qmp:LABEL``: the PTY path is asked of QEMU each time the port is opened.
@@ -426,13 +427,7 @@ class VMPort:
             except (OSError, termios.error, serial.SerialException, _NotReady) as exc:
                 # termios.error is not an OSError: pyserial's tcsetattr raises it
                 # when the PTY closes while the port is being opened.
-                reason = _describe(exc)
-                if reason != self.last_error:
-                    log.info("port_open_failed", vm=self.vm.name, port=self.description,
-                             reason=reason)
-                    self.last_error = reason
-                    self.sink.port_failed(reason)
-                self.tried.set()
+                self._open_failed(_describe(exc))
             else:
                 self.tried.set()
                 self.last_error = None
@@ -451,6 +446,14 @@ class VMPort:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._retry_now.wait(), backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _open_failed(self, reason: str) -> None:
+        """An open attempt failed: log and tell the sink, unless it is the same as last time."""
+        if reason != self.last_error:
+            log.info("port_open_failed", vm=self.vm.name, port=self.description, reason=reason)
+            self.last_error = reason
+            self.sink.port_failed(reason)
+        self.tried.set()
 
     async def _open(self) -> _PortProtocol:
         loop = asyncio.get_running_loop()
@@ -495,10 +498,7 @@ class VMPort:
 
     async def _serve_listen(self) -> None:
         """Own a listening socket; each QEMU connection replaces the previous one."""
-        loop = asyncio.get_running_loop()
         path = self.spec.path
-        if os.path.lexists(path) and not os.path.isdir(path):
-            os.unlink(path)
         arrivals: asyncio.Queue[_PortProtocol] = asyncio.Queue()
 
         def factory() -> _PortProtocol:
@@ -511,8 +511,7 @@ class VMPort:
             arrivals.put_nowait(protocol)
             return protocol
 
-        server = await loop.create_unix_server(factory, path)
-        self.tried.set()
+        server = await self._listen(factory)
         try:
             while True:
                 protocol = await arrivals.get()
@@ -534,6 +533,35 @@ class VMPort:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             await asyncio.gather(*(_stop(leftover) for leftover in leftovers))
+
+    async def _listen(self, factory: Callable[[], _PortProtocol]) -> asyncio.AbstractServer:
+        """Bind the listening socket, retrying with capped backoff until it can be.
+
+        A socket that cannot be made yet (its directory is created later by the
+        VM's tooling, no permission, a path too long for a UNIX socket) is an
+        open failure like any other: the console says why, and the daemon goes on.
+        """
+        loop = asyncio.get_running_loop()
+        path = self.spec.path
+        backoff = BACKOFF_FIRST
+        while True:
+            try:
+                if os.path.lexists(path) and not os.path.isdir(path):
+                    os.unlink(path)  # a previous listener's, or a stale file in our place
+                server = await loop.create_unix_server(factory, path)
+            except OSError as exc:
+                hint = " (does its directory exist?)" if exc.errno == errno.ENOENT else ""
+                self._open_failed(f"cannot listen on {path}: {_describe(exc)}{hint}")
+            else:
+                if self.last_error is not None:  # said it could not: say it can now
+                    log.info("port_listening", vm=self.vm.name, port=self.description)
+                self.tried.set()
+                self.last_error = None
+                return server
+            self._retry_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_now.wait(), backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
 
     def write_now(self, data: bytes) -> bool:
         """Send *data* to the guest if the port is up and takes it now; else False, nothing sent."""

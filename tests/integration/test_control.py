@@ -6,15 +6,19 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
+import socket
 import stat
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pexpect
 import pytest
+from structlog.testing import capture_logs
 
 from serialmux.control import socket_path
 from tests.support import (
@@ -176,6 +180,52 @@ async def test_daemons_own_pid_is_refused(gw: Gateway) -> None:
     assert "does not serve its own process" in reply["error"]
     await gw.wait_audit("control", pid=os.getpid(), result="refused")
     assert (await run_cli("status", *cfg(gw))).status == 0  # another process still may
+
+
+async def test_accept_out_of_fds_pauses_then_serves(gw: Gateway) -> None:
+    """An accept failing with EMFILE is logged once and accepting resumes after a pause: the
+    caller left waiting is answered, the daemon keeps running and status works."""
+    assert gw.daemon is not None
+    path = str(socket_path(gw.daemon.config.server.runtime_dir))
+    failed = asyncio.Event()
+
+    def heard(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        if event["event"] == "control_accept_failed":
+            failed.set()
+        return event
+
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with capture_logs(processors=[heard]) as logs:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            lowest_free = os.dup(client.fileno())
+            os.close(lowest_free)
+            # No new fd anywhere in this process until the limit is back: the daemon's
+            # accept of the connection below fails with a real EMFILE.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                client.connect(path)  # a UNIX connect needs no fd of ours: it queues at once
+                async with asyncio.timeout(WAIT):
+                    await failed.wait()
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            client.setblocking(False)
+            reader, writer = await asyncio.open_unix_connection(sock=client)
+            async with asyncio.timeout(WAIT):  # accepted after ACCEPT_RETRY_DELAY
+                reply = json.loads(await reader.readline())
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        client.close()
+    assert "does not serve its own process" in reply["error"]  # served: this is the daemon
+    events = [(e["event"], e.get("error")) for e in logs if e["event"].startswith("control_acc")]
+    assert events == [("control_accept_failed", "EMFILE: Too many open files"),
+                      ("control_accept_resumed", None)]
+    assert gw._task is not None
+    assert not gw._task.done()
+    result = await run_cli("status", *cfg(gw))
+    assert result.status == 0, result.err
+    assert "web-01: up since" in result.out
 
 
 async def test_port_pointed_at_control_socket_gets_nothing(

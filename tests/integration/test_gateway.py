@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncssh
 import pytest
+from structlog.testing import capture_logs
 
 from tests.support import WAIT, Gateway, PtyVM, RawSession, SocketVM, User, gateway
 
@@ -435,6 +436,48 @@ async def test_hung_socket_guest_is_closed_at_once_when_its_console_stops(
         if guest is not None and guest is not listener:
             guest.close()
         listener.close()
+
+
+async def test_listen_socket_in_missing_directory_waits_for_it(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A listen:unix: console whose directory does not exist yet does not stop the daemon: it
+    says why it is down, and listens by itself once the directory appears (no reload)."""
+    vm.start()
+    path = tmp_path / "later" / "vm.sock"
+    listening = asyncio.Event()
+
+    def heard(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        if event["event"] == "port_listening" and event.get("vm") == "web-02":
+            listening.set()
+        return event
+
+    with capture_logs(processors=[heard]):
+        async with gateway(tmp_path, vms={"web-01": vm.port, "web-02": f"listen:unix:{path}"},
+                           users={"alice": users["alice"]},
+                           grants=[(["alice"], ["*"], "owner")]) as g:
+            other = await g.attach(users["alice"], "web-01")
+            await other.wait_out(b"(writer)")
+            vm.write(b"web-01 still served\r\n")
+            await other.wait_out(b"web-01 still served")
+            c = await g.attach(users["alice"], "web-02")
+            await c.wait_out(f"web-02 is not running (cannot listen on {path}: ENOENT".encode())
+            assert "does its directory exist?" in g.console("web-02").down_reason
+            assert not listening.is_set()
+            path.parent.mkdir()
+            async with asyncio.timeout(WAIT):  # the port's own backoff, at most BACKOFF_MAX
+                await listening.wait()
+            reader, writer = await asyncio.open_unix_connection(str(path))  # QEMU connects
+            try:
+                await c.wait_out(b"web-02 console is up")
+                writer.write(b"booted after the directory appeared\r\n")
+                await c.wait_out(b"booted after the directory appeared")
+                c.send(b"typed")
+                async with asyncio.timeout(WAIT):
+                    assert await reader.readexactly(5) == b"typed"
+            finally:
+                writer.close()
+            await c.close()
+            await other.close()
 
 
 async def test_missing_host_key_is_created_ed25519_0600(gw: Gateway) -> None:
