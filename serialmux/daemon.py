@@ -81,6 +81,9 @@ class Daemon:
         self.addresses: list[tuple[str, int]] = []
         self.started = time.time()
         self.disabled_all: str | None = None
+        # The one record of disabled VMs (what disabled.json holds): name -> "REASON (by USER
+        # at TIME)". Kept while a VM is absent; Console.disabled is a copy set from it.
+        self.disabled_vms: dict[str, str] = {}
         # Authentication policy (serialmux.auth, serialmux.mfa): owned here, used by sshd/session.
         self.gate = Gate(config.ssh)
         self.user_cas = load_cas(config.ssh.user_ca_keys)
@@ -258,8 +261,7 @@ class Daemon:
         assert self._tasks is not None
         ring = self._open_ring(vm)
         console = Console(vm, audit=self.audit, ring=ring)
-        if vm.name in self._disabled_vms:
-            console.disabled = self._disabled_vms[vm.name]
+        console.disabled = self.disabled_vms.get(vm.name)
         if vm.qmp:
             self._add_hypervisor(console, vm.qmp)
         console.on_state_change = self.status_changed
@@ -473,7 +475,6 @@ class Daemon:
         return self.config.server.state_dir / "disabled.json"
 
     def _load_disabled(self) -> None:
-        self._disabled_vms: dict[str, str] = {}
         try:
             data = json.loads(self._disabled_file.read_text())
         except FileNotFoundError:
@@ -482,13 +483,14 @@ class Daemon:
             log.error("disabled_state_unreadable", path=str(self._disabled_file), error=str(exc))
             data = {}
         self.disabled_all = data.get("all")
-        self._disabled_vms = dict(data.get("vms", {}))
+        vms = data.get("vms")
+        self.disabled_vms = ({n: t for n, t in vms.items() if isinstance(t, str) and t}
+                             if isinstance(vms, dict) else {})
         if not self.config.server.enabled:
             self.disabled_all = self.disabled_all or "disabled in the configuration"
 
     def _save_disabled(self) -> None:
-        data = {"all": self.disabled_all,
-                "vms": {n: c.disabled for n, c in self.consoles.items() if c.disabled}}
+        data = {"all": self.disabled_all, "vms": dict(sorted(self.disabled_vms.items()))}
         tmp = self._disabled_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self._disabled_file)
@@ -504,14 +506,21 @@ class Daemon:
         return None
 
     def set_disabled(self, vm: str | None, reason: str, who: Identity) -> str:
-        """Disable one VM (or all), persist it, and close the sessions attached."""
+        """Disable one VM (or all), persist it, and close the sessions attached.
+
+        A VM's entry in :attr:`disabled_vms` (and disabled.json) outlives its
+        console: a discovered VM that stops, or a ``[vms.NAME]`` that a reload
+        removes, is still disabled when it comes back, after a restart too,
+        and for ever if it never does, until :meth:`set_enabled` clears it.
+        """
         reason = clean_text(reason)  # shown to every user refused, and in the ring
         text = f"{reason} (by {who.user} at {utc_now()})"
-        targets = list(self.consoles.values()) if vm is None else [self.consoles[vm]]
         if vm is None:
             self.disabled_all = text
+            targets = list(self.consoles.values())
         else:
-            targets[0].disabled = text
+            self.disabled_vms[vm] = text
+            targets = self._copy_disabled(vm)
         self._save_disabled()
         self.audit.event("disable", vm=vm or "*", user=who.user, session=who.session_id,
                          peer=who.peer, reason=reason, result="ok")
@@ -522,15 +531,27 @@ class Daemon:
         return f"disabled {vm or 'all VMs'}: {reason}"
 
     def set_enabled(self, vm: str | None, who: Identity) -> str:
-        """Enable one VM (or all) again."""
+        """Enable one VM (or all) again; a VM with no console now has its entry cleared too.
+
+        ``enable`` (all) lifts only the all-VMs switch: VMs disabled one by one stay so.
+        """
         if vm is None:
             self.disabled_all = None if self.config.server.enabled else self.disabled_all
         else:
-            self.consoles[vm].disabled = None
+            self.disabled_vms.pop(vm, None)
+            self._copy_disabled(vm)
         self._save_disabled()
         self.audit.event("enable", vm=vm or "*", user=who.user, session=who.session_id,
                          peer=who.peer, result="ok")
         return f"enabled {vm or 'all VMs'}"
+
+    def _copy_disabled(self, vm: str) -> list[Console]:
+        """Copy *vm*'s entry of :attr:`disabled_vms` to its console; return it (none if absent)."""
+        console = self.consoles.get(vm)
+        if console is None:
+            return []
+        console.disabled = self.disabled_vms.get(vm)
+        return [console]
 
     def kick(self, console: Console, user: str | None, who: Identity) -> str:
         """Disconnect the writer of *console*, or every session of *user* on it."""

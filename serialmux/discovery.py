@@ -10,7 +10,12 @@ added. Events only mark names dirty; :meth:`Discovery.run` then looks at the
 files of each dirty name and adds, reopens or removes that one console, under
 ``daemon.changes`` so it never interleaves with a reload. Names are checked
 with :func:`~serialmux.config.check_name` before they touch a path or a log
-line. A static ``[vms.NAME]`` entry always wins over a discovered one.
+line. A static ``[vms.NAME]`` entry always wins over a discovered one: a
+reload that adds it takes the console over (:meth:`Discovery.static_added`),
+and a reload that removes it hands the console back to the VM's files if they
+are there (:meth:`Discovery.static_removed`). ``Discovery.vms`` holds exactly
+the consoles discovery runs, which is what ``serialmux status`` calls
+``discovery``.
 
 Trust: a discovered console is reachable by everyone granted its name, so
 only root and the daemon's user may say what it connects to. The directory
@@ -117,7 +122,7 @@ class Discovery:
         self.daemon = daemon
         self.config = config
         self.dir = config.dir
-        self.vms: dict[str, VMConfig] = {}  # what this directory added and still runs
+        self.vms: dict[str, VMConfig] = {}  # the consoles this directory runs (none static)
         self._inotify: Inotify | None = None
         self._dirty: set[str] = set()
         self._rescan = False
@@ -242,6 +247,30 @@ class Discovery:
         return VMConfig(name=name, port=PortSpec(kind, path=str(serial)), baud=self.config.baud,
                         qmp=qmp, ring_size=self.config.ring_size)
 
+    # -- static entries (reload, under daemon.changes) ----------------------------------
+
+    def static_added(self, name: str) -> None:
+        """A reload gave *name* a ``[vms.NAME]`` entry: its console is no longer discovery's."""
+        self.vms.pop(name, None)
+
+    async def static_removed(self, name: str) -> VMConfig | None:
+        """A reload removed ``[vms.NAME]``: if NAME's files ask for a console, take it over.
+
+        Runs after ``daemon.config`` no longer has NAME. Returns the discovered
+        config the console was reopened with (its sessions stay attached), or
+        None when the files do not want one and the reload removes the console.
+        """
+        self.vms.pop(name, None)
+        want = self.wanted(name)
+        if want is None or name not in self.daemon.consoles:
+            return None
+        self.vms[name] = want
+        await self.daemon.reopen_console(want)
+        self.daemon.audit.event("vm_discovered", vm=name, source="discovery",
+                                port=str(want.port), qmp=want.qmp, result="ok",
+                                reason="its static entry was removed")
+        return want
+
     # -- trust ------------------------------------------------------------------------
 
     def dir_problem(self) -> str | None:
@@ -316,6 +345,9 @@ class Discovery:
             return
         want = self.wanted(name)
         have = self.vms.get(name)
+        if have is not None and name not in daemon.consoles:
+            del self.vms[name]  # a stale entry (its console went another way): start afresh
+            have = None
         if have is not None and want is None:
             del self.vms[name]
             if name in daemon.consoles:
@@ -328,7 +360,7 @@ class Discovery:
             if want != have:
                 self.vms[name] = want
                 await daemon.reopen_console(want)
-            elif name in daemon.consoles:
+            else:
                 daemon.consoles[name].port.retry_now()  # e.g. the symlink was re-pointed
 
     def _added(self, vm: VMConfig) -> None:

@@ -12,7 +12,12 @@ accepted are disconnected), then every remaining session and exec command
 against the new grants.
 
 What reload leaves alone: a console whose ``[vms.NAME]`` did not change keeps
-its port, ring and sessions untouched (not a byte is lost or repeated).
+its port, ring and sessions untouched (not a byte is lost or repeated). A
+``[vms.NAME]`` added for a discovered VM takes its console over, and one
+removed while NAME's files are in the discovery directory hands the console
+back to discovery (reopened, sessions kept) instead of removing it. Disabled
+VMs stay disabled across both, and across removal and return
+(:meth:`~serialmux.daemon.Daemon.set_disabled`).
 """
 
 from __future__ import annotations
@@ -138,13 +143,24 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
     else:
         daemon.revoked.refresh()
     for name in plan.removed:
-        if name in daemon.consoles:
+        if name not in daemon.consoles:
+            continue
+        found = (await daemon.discovery.static_removed(name)
+                 if daemon.discovery is not None else None)
+        if found is None:
             await daemon.remove_console(name, f"VM {name} was removed from the configuration")
+        elif old.vms[name].redact != found.redact:
+            _new_redactor(daemon.consoles[name], found)
     for vm in plan.reopened:
         await daemon.reopen_console(vm)
     for vm in plan.added:
         if vm.name in daemon.consoles:  # was discovered; the static entry wins
+            if daemon.discovery is not None:
+                daemon.discovery.static_added(vm.name)
+            discovered = daemon.consoles[vm.name].vm
             await daemon.reopen_console(vm)
+            if discovered.redact != vm.redact:
+                _new_redactor(daemon.consoles[vm.name], vm)
         else:
             daemon.add_console(vm)
     for vm in plan.updated:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import pwd
 import resource
@@ -13,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import WAIT, Gateway, PtyVM, SocketVM, User, gateway
+from serialmux.access import Identity
+from tests.support import WAIT, Gateway, PtyVM, SocketVM, User, gateway, run_cli
 
 CHURN_SECONDS = 20.0
 CHURN_RATE = 10  # VMs added (and as many removed) per second
@@ -177,6 +179,132 @@ async def test_directory_writable_by_others_is_not_trusted(disco: Gateway, tmp_p
         await wait_until(disco, lambda: count(disco, "vm_gone") == 2)
     finally:
         guest.close()
+
+
+ROOT = Identity(user="root", fingerprint="uid:0", peer="local", session_id="t", local=True)
+
+
+def disabled_json(gw: Gateway) -> dict[str, str]:
+    """The per-VM entries of the daemon's disabled.json."""
+    vms: dict[str, str] = json.loads((gw.tmp / "state" / "disabled.json").read_text())["vms"]
+    return vms
+
+
+async def cycle(gw: Gateway, link: Path, target: str, *, restart: bool = False) -> None:
+    """The VM behind *link* goes away (the daemon restarts meanwhile if *restart*), comes back."""
+    name = link.name.removesuffix(".serial")
+    link.unlink()
+    await wait_until(gw, lambda: name not in gw.daemon.consoles)  # type: ignore[union-attr]
+    if restart:
+        await gw.stop()
+        await gw.start()
+    link.symlink_to(target)
+    await wait_until(gw, lambda: name in gw.daemon.consoles)  # type: ignore[union-attr]
+
+
+async def test_disabled_discovered_vm_stays_disabled_when_it_comes_back(
+        disco: Gateway, users: dict[str, User], tmp_path: Path) -> None:
+    """A discovered VM disabled, gone and back (also across a restart), is still disabled."""
+    guest = PtyVM()
+    guest.start()
+    link = tmp_path / "vms" / "web-9.serial"
+    try:
+        link.symlink_to(guest.slave_path)
+        await disco.wait_audit("vm_discovered", vm="web-9")
+        result = await run_cli("disable", "web-9", "--reason", "disk repair",
+                               "--config", str(disco.config_path))
+        assert result.status == 0, result.err
+        for restart in (False, True):
+            await cycle(disco, link, guest.slave_path, restart=restart)
+            assert "disk repair (by " in disabled_json(disco)["web-9"]
+            c = await disco.attach(users["alice"], "web-9")
+            assert await c.wait_closed() == 1
+            assert b"console web-9 is disabled: disk repair" in c.err
+    finally:
+        guest.close()
+
+
+async def test_enabled_vm_stays_enabled_and_enable_clears_an_absent_vm(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A VM disabled in disabled.json at start, enabled, gone and back is enabled; enable of a
+    VM with no console clears its entry."""
+    vm.start()
+    guest = PtyVM()
+    guest.start()
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "disabled.json").write_text(json.dumps(
+        {"all": None, "vms": {"old-vm": "disabled last week", "gone-vm": "retired"}}))
+    vms = tmp_path / "vms"
+    extra = f'[discovery]\ndir = "{vms}"\nring_size = "64KiB"\n'
+    try:
+        async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                           grants=[(["alice"], ["*"], "owner")], extra=extra) as gw:
+            assert gw.daemon is not None
+            link = vms / "old-vm.serial"
+            link.symlink_to(guest.slave_path)
+            await gw.wait_audit("vm_discovered", vm="old-vm")
+            assert gw.console("old-vm").disabled == "disabled last week"
+            result = await run_cli("enable", "old-vm", "--config", str(gw.config_path))
+            assert result.status == 0, result.err
+            await cycle(gw, link, guest.slave_path)
+            assert gw.console("old-vm").disabled is None
+            assert disabled_json(gw) == {"gone-vm": "retired"}
+            c = await gw.attach(users["alice"], "old-vm")
+            await c.wait_out(b"(writer)")
+            await c.close()
+            assert gw.daemon.set_enabled("gone-vm", ROOT) == "enabled gone-vm"
+            assert disabled_json(gw) == {}
+            assert gw.daemon.disabled_vms == {}
+    finally:
+        guest.close()
+
+
+async def test_static_entry_removed_by_reload_gives_the_console_back_to_discovery(
+        disco: Gateway, users: dict[str, User], tmp_path: Path) -> None:
+    """[vms.web-9] shadowing discovered web-9: status says config; its removal by reload hands
+    the console back to the files at once (session kept, status says discovery)."""
+    assert disco.daemon is not None
+    guest, static = PtyVM(), PtyVM()
+    guest.start()
+    static.start()
+    link = tmp_path / "vms" / "web-9.serial"
+
+    async def source() -> tuple[str, str]:
+        result = await run_cli("status", "--json", "--config", str(disco.config_path))
+        assert result.status == 0, result.err
+        vm = next(v for v in json.loads(result.out)["vms"] if v["name"] == "web-9")
+        return vm["source"], vm["port"]
+
+    try:
+        link.symlink_to(guest.slave_path)
+        await disco.wait_audit("vm_discovered", vm="web-9")
+        disco.vms = {**disco.vms, "web-9": static.port}
+        disco.config_path.write_text(disco.toml())
+        assert await disco.daemon.reload("test")
+        assert await source() == ("config", static.port)
+        c = await disco.attach(users["alice"], "web-9")
+        await c.wait_out(b"(writer)")
+        c.send(b"to the static port")
+        await static.wait_received(b"to the static port")
+        disco.vms = {k: v for k, v in disco.vms.items() if k != "web-9"}
+        disco.config_path.write_text(disco.toml())
+        assert await disco.daemon.reload("test")
+        rec = await disco.wait_audit("vm_discovered", vm="web-9",
+                                     reason="its static entry was removed")
+        assert rec["port"] == f"pty:{link}"
+        assert await source() == ("discovery", f"pty:{link}")
+        assert set(disco.daemon.discovery.vms) == {"web-9"}  # type: ignore[union-attr]
+        c.send(b"to the discovered port")
+        await guest.wait_received(b"to the discovered port")
+        assert not c.closed
+        link.unlink()  # discovery events for web-9 act again
+        await c.wait_out(b"VM web-9 went away")
+        await disco.wait_audit("vm_gone", vm="web-9")
+        assert "web-9" not in disco.daemon.consoles
+    finally:
+        guest.close()
+        static.close()
 
 
 def measure() -> dict[str, Any]:

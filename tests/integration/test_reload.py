@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -183,6 +184,31 @@ async def test_changed_port_is_reopened_and_session_kept(
     await c.wait_out(b"from the new port")
     assert b"new port" not in vm.received
     await c.close()
+
+
+async def test_disabled_static_vm_removed_and_added_again_stays_disabled(
+        spare: list[PtyVM], gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """web-01 disabled, removed by one reload and added back by another: still disabled."""
+    assert gw.daemon is not None
+    result = await run_cli("disable", "web-01", "--reason", "maintenance",
+                           "--config", str(gw.config_path))
+    assert result.status == 0, result.err
+    disabled = gw.tmp / "state" / "disabled.json"
+    gw.vms = {"web-02": spare[0].port}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    assert "web-01" not in gw.daemon.consoles
+    assert "maintenance (by " in json.loads(disabled.read_text())["vms"]["web-01"]
+    gw.vms = {"web-01": vm.port, "web-02": spare[0].port}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    assert "maintenance (by " in (gw.console("web-01").disabled or "")
+    c = await gw.attach(users["alice"], "web-01")
+    assert await c.wait_closed() == 1
+    assert b"console web-01 is disabled: maintenance" in c.err
+    c2 = await gw.attach(users["alice"], "web-02")  # the others are not
+    await c2.wait_out(b"(writer)")
+    await c2.close()
 
 
 def fds_on(path: str) -> int:
