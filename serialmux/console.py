@@ -195,6 +195,7 @@ class Console:
         # Called (loop thread) after the port goes up or down; the daemon updates STATUS=.
         self.on_state_change: Callable[[], None] = lambda: None
         self._tasks: asyncio.TaskGroup | None = None
+        self._on_detach_waiting = False  # an on_detach waits for the guest to take it
         self.redactor = Redactor(vm.redact) if vm.redact else None
         self._redact_timer: asyncio.TimerHandle | None = None
         self._flow_timer: asyncio.TimerHandle | None = None  # set while the port waits
@@ -390,6 +391,13 @@ class Console:
         if self._tasks is None:  # between a reload's stop and restart of the port
             self._on_detach_done(att, reason, "the console is restarting")
             return
+        if self._on_detach_waiting:
+            # A guest that does not read its input (hung, paused) still has the last
+            # one: queuing more would pile tasks and stale copies onto its port.
+            self._on_detach_done(att, reason, "the previous on_detach still waits for the "
+                                 "guest to read it")
+            return
+        self._on_detach_waiting = True
         self._tasks.create_task(self._send_on_detach(att, reason, data))
 
     async def _send_on_detach(self, att: Attachment, reason: str, data: bytes) -> None:
@@ -398,6 +406,8 @@ class Console:
         except BaseException:
             self._on_detach_done(att, reason, "the console was stopped")
             raise
+        finally:
+            self._on_detach_waiting = False
         self._on_detach_done(att, reason, None if sent else
                              f"the console is down ({self.down_reason or 'not open'})")
 

@@ -6,6 +6,7 @@ import asyncio
 import re
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncssh
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from serialmux import console as console_mod
 from serialmux.floodread import FloodReader
 from serialmux.ring import Record, RecordKind, RingReader
-from tests.support import WAIT, Client, Gateway, PtyVM, RawSession, User
+from tests.support import WAIT, Client, Gateway, PtyVM, RawSession, User, gateway
 
 
 def _payload(lines: int, fill: str = "f") -> bytes:
@@ -244,6 +245,36 @@ async def test_typing_into_a_full_port_one_key_at_a_time_keeps_the_daemon_runnin
     await vm.wait_received(keys[-6:], timeout=WAIT * 3)
     assert bytes(vm.received) == keys
     chan.close()
+
+
+async def test_a_hung_guest_gets_one_on_detach_not_one_per_writer(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A guest that does not read its input while writers come and go: one on_detach waits
+    for it, the others are audited as not sent, and the guest gets a single copy later."""
+    vm.start()
+    async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")],
+                       vm_extra={"web-01": 'on_detach = "logout\\r"'}) as gw:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(vm.master)  # the hung guest
+        chan, _ = await _writer(gw, users["alice"])
+        transport = gw.console("web-01").port._protocol.transport
+        typed = b"y" * 100_000
+        chan.write(typed)
+        await _until(lambda: transport.get_write_buffer_size() > 0)  # the PTY is full
+        chan.close()
+        for _ in range(5):
+            chan, _ = await _writer(gw, users["alice"])
+            chan.close()
+            await _until(lambda: gw.console("web-01").writer is None)
+        failed = [e for e in gw.audit_events if e["event"] == "on_detach"]
+        assert len(failed) == 5
+        assert all("still waits" in e["reason"] for e in failed)
+        loop.add_reader(vm.master, vm._readable)  # the guest reads again
+        await gw.wait_audit("on_detach", result="ok")
+        await vm.wait_received(b"logout\r")
+        assert bytes(vm.received).count(b"logout\r") == 1
+        assert bytes(vm.received) == typed + b"logout\r"
 
 
 async def _until(predicate: Callable[[], bool]) -> None:
