@@ -291,6 +291,7 @@ class Daemon:
         console = self.consoles.pop(name)
         console.close_all(reason)
         await self.stop_console(name)
+        console.flush_redacted()  # output held back by redaction goes in before the marker
         ring, console.ring = console.ring, None
         if ring is not None:
             _close_ring(name, ring, RecordKind.NOTE, f"console removed: {reason}")
@@ -409,7 +410,13 @@ class Daemon:
                 continue
             failed = await asyncio.to_thread(
                 fdatasync_all, rings, syncfs=self.config.server.ring_sync == "syncfs")
+            for name in [n for n in last if n not in self.consoles]:  # removed meanwhile
+                del last[name]
+                failing.discard(name)
             for path, name in dirty.items():
+                owner = self.consoles.get(name)
+                if owner is None or owner.ring is None or str(owner.ring.path) != path:
+                    continue  # its ring was closed during the sync: nothing to report
                 exc = failed.get(path)
                 if exc is not None and name not in failing:
                     failing.add(name)

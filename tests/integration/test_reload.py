@@ -18,6 +18,7 @@ import pytest
 from serialmux.config import parse_config
 from serialmux.mfa import TotpStore
 from serialmux.reload import plan_reload
+from serialmux.ring import Record, RecordKind, RingReader
 from tests.integration.conftest import GRANTS
 from tests.support import (
     WAIT,
@@ -485,3 +486,28 @@ async def test_reload_changing_redact_rules_applies_to_later_output(
         assert b"one [redacted:secret] token-111" in logs
         assert b"two sekrit-222 [redacted:secret]" in logs
         await c.close()
+
+
+async def test_removing_a_vm_keeps_output_redaction_held_back(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """Output the redactor holds back (no newline yet) when a reload removes the VM goes to
+    the ring before the "console removed" marker, not lost with the closed ring."""
+    vm.start()
+    async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")],
+                       vm_extra={"web-01": 'redact = ["sekrit-[0-9]+"]'}) as gw:
+        assert gw.daemon is not None
+        console = gw.console("web-01")
+        ring = console.ring.path
+        vm.write(b"last words sekrit-9 before the end")  # no newline: held back for 1 s
+        async with asyncio.timeout(WAIT):
+            while console.bytes_read < 34:
+                await console.backlog.wait_beyond(console.backlog.end)
+        gw.vms = {}
+        rewrite(gw)
+        assert await gw.daemon.reload("test")
+    with RingReader(ring) as reader:
+        records = [r for r in reader.records() if isinstance(r, Record)]
+    text = b"".join(r.payload for r in records if r.kind is RecordKind.OUTPUT)
+    assert text.endswith(b"last words [redacted:secret] before the end")
+    assert records[-1].kind is RecordKind.NOTE
