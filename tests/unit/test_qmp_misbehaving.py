@@ -400,54 +400,49 @@ async def test_chardev_pty_outside_dev_pts_is_refused(tmp_path: Path, filename: 
             assert await hv.chardev_pty("serial0") is None
 
 
+_CHARDEV_REPLIES = [
+    1,
+    None,
+    {},
+    "serial0",
+    [1, 2],
+    ["pty:/dev/pts/7"],
+    [None],
+    [{"label": "serial0", "filename": 7}],
+    [{"label": "serial0", "filename": ["pty:/dev/pts/7"]}],
+    [{"label": "serial0"}],
+    [{"label": 0, "filename": "pty:/dev/pts/7"}],
+    [{"label": "qmp", "filename": "unix:/x"}, {"label": "serial0", "filename": None}],
+    ["x" * 100_000],
+]
+_STATUS_REPLIES = [1, None, [], {}, {"status": 1}, {"status": None}, "running"]
+
+
 @pytest.mark.parametrize(
-    "reply",
-    [
-        1,
-        None,
-        {},
-        "serial0",
-        [1, 2],
-        ["pty:/dev/pts/7"],
-        [None],
-        [{"label": "serial0", "filename": 7}],
-        [{"label": "serial0", "filename": ["pty:/dev/pts/7"]}],
-        [{"label": "serial0"}],
-        [{"label": 0, "filename": "pty:/dev/pts/7"}],
-        [{"label": "qmp", "filename": "unix:/x"}, {"label": "serial0", "filename": None}],
-        ["x" * 100_000],
-    ],
+    ("command", "reply", "good"),
+    [("query-chardev", r, "/dev/pts/7") for r in _CHARDEV_REPLIES]
+    + [("query-status", r, "running") for r in _STATUS_REPLIES],
 )
-async def test_malformed_query_chardev_gives_hypervisor_error(tmp_path: Path, reply: Any) -> None:
-    """A query-chardev reply of the wrong shape is a HypervisorError (VM, socket), not TypeError."""
+async def test_malformed_reply_gives_hypervisor_error(tmp_path: Path, command: str,
+                                                      reply: Any, good: str) -> None:
+    """A query-chardev or query-status reply of the wrong shape is a HypervisorError naming
+    the VM, the socket and the command (not a TypeError), and the session carries on."""
     async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
         hv = hypervisor(fake.path)
         async with running(hv):
             assert await hv.wait_connected(PROMPTLY)
-            fake.replies["query-chardev"] = {"return": reply}
-            with pytest.raises(HypervisorError, match="query-chardev") as caught:
-                await hv.chardev_pty("serial0")
+            ask = (lambda: hv.chardev_pty("serial0")) if command == "query-chardev" \
+                else hv.status
+            fake.replies[command] = {"return": reply}
+            with pytest.raises(HypervisorError, match=command) as caught:
+                await ask()
             assert type(caught.value) is HypervisorError
             assert caught.value.vm == "vm1"
             assert str(fake.path) in str(caught.value)
             assert len(str(caught.value)) < 400  # a huge reply is quoted, not copied
-            del fake.replies["query-chardev"]
-            assert await hv.chardev_pty("serial0") == "/dev/pts/7"
+            del fake.replies[command]
+            assert await ask() == good  # the same session answers the next one
             assert fake.connections == 1
-
-
-@pytest.mark.parametrize("reply", [1, None, [], {}, {"status": 1}, {"status": None}, "running"])
-async def test_malformed_query_status_gives_hypervisor_error(tmp_path: Path, reply: Any) -> None:
-    """A query-status reply without a "status" string is a HypervisorError naming the command."""
-    async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
-        hv = hypervisor(fake.path)
-        async with running(hv):
-            assert await hv.wait_connected(PROMPTLY)
-            fake.replies["query-status"] = {"return": reply}
-            with pytest.raises(HypervisorError, match="query-status") as caught:
-                await hv.status()
-            assert type(caught.value) is HypervisorError
-            assert str(fake.path) in str(caught.value)
 
 
 @pytest.mark.parametrize(
