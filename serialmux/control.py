@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from .access import Action, Identity, LoginRequest
 from .config import check_name
-from .errors import ControlError, SerialmuxError
+from .errors import ControlError, SerialmuxError, describe
 from .log import get_logger
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ class ControlServer:
                     continue  # the caller gave up before it was accepted
                 except OSError as exc:
                     failed += 1
-                    reason = _accept_error(exc)
+                    reason = describe(exc)
                     if reason != logged:
                         self._accept_failed(exc, reason)
                         logged = reason
@@ -393,13 +393,6 @@ class ControlServer:
                        "mode": "read-only" if read_only else "writer"})
         # No await between the checks above and session.run()'s attach: no race.
         await session.run()
-
-
-def _accept_error(exc: OSError) -> str:
-    """``EMFILE: Too many open files``, or what there is to say of an errno-less error."""
-    if exc.errno is not None:
-        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
-    return str(exc) or type(exc).__name__
 
 
 def _send(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:

@@ -14,10 +14,21 @@ and carries the facts a person needs (file, line, key, VM, user) as attributes::
      │    └── HypervisorTimeout       a command got no reply in time
      └── ControlError         the local control socket failed or refused
 
-Messages say what went wrong and what to do next.
+Messages say what went wrong and what to do next. :func:`describe` says an
+OS error the same way everywhere (``ENOENT: No such file or directory``).
 """
 
 from __future__ import annotations
+
+import errno
+
+
+def describe(exc: BaseException) -> str:
+    """One line for *exc*: ``ENAME: strerror`` for an OS error, else its first line."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
 
 
 class SerialmuxError(Exception):

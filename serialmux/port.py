@@ -34,6 +34,7 @@ import serial
 import serial_asyncio_fast
 
 from .config import PortKind, PortSpec, VMConfig
+from .errors import describe
 from .floodread import FULL_READ, FloodReader
 from .log import get_logger
 
@@ -148,7 +149,7 @@ class _DirectSerial(serial.Serial):  # type: ignore[misc]  # pyserial is untyped
         except (BlockingIOError, InterruptedError):
             return b""
         except OSError as exc:
-            raise serial.SerialException(f"read failed: {_describe(exc)}") from exc
+            raise serial.SerialException(f"read failed: {describe(exc)}") from exc
         if not data:
             raise serial.SerialException("end of file: the other side closed the port")
         if len(data) < FULL_READ:
@@ -177,7 +178,7 @@ class _DirectSerial(serial.Serial):  # type: ignore[misc]  # pyserial is untyped
         except (BlockingIOError, InterruptedError):
             raise  # the transport keeps the bytes and waits for the port
         except OSError as exc:
-            raise serial.SerialException(f"write failed: {_describe(exc)}") from exc
+            raise serial.SerialException(f"write failed: {describe(exc)}") from exc
 
     def close(self) -> None:
         # pyserial's close() os.close()s the abort pipes open() closed: a TypeError
@@ -341,7 +342,7 @@ class _PortProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost.set()
         self.stop_flood()
-        self._finish(_describe(exc) if exc else "closed")
+        self._finish(describe(exc) if exc else "closed")
         self._can_write.set()
 
     def pause_writing(self) -> None:
@@ -361,13 +362,6 @@ class _PortProtocol(asyncio.Protocol):
     def _finish(self, reason: str) -> None:
         if not self.closed.done():
             self.closed.set_result(reason)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
 
 
 class VMPort:
@@ -427,7 +421,7 @@ class VMPort:
             except (OSError, termios.error, serial.SerialException, _NotReady) as exc:
                 # termios.error is not an OSError: pyserial's tcsetattr raises it
                 # when the PTY closes while the port is being opened.
-                self._open_failed(_describe(exc))
+                self._open_failed(describe(exc))
             else:
                 self.tried.set()
                 self.last_error = None
@@ -551,7 +545,7 @@ class VMPort:
                 server = await loop.create_unix_server(factory, path)
             except OSError as exc:
                 hint = " (does its directory exist?)" if exc.errno == errno.ENOENT else ""
-                self._open_failed(f"cannot listen on {path}: {_describe(exc)}{hint}")
+                self._open_failed(f"cannot listen on {path}: {describe(exc)}{hint}")
             else:
                 if self.last_error is not None:  # said it could not: say it can now
                     log.info("port_listening", vm=self.vm.name, port=self.description)
