@@ -41,7 +41,6 @@ from .log import get_logger
 log = get_logger(__name__)
 
 READ_SIZE = 64 * 1024  # pyserial-asyncio-fast reads 1 KiB by default; take what the port has
-WRITE_HIGH_WATER = 64 * 1024
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 STABLE_AFTER = 2.0  # an open that lasted this long resets the backoff
