@@ -471,40 +471,36 @@ async def test_malformed_reply_envelope_gives_hypervisor_error(tmp_path: Path, r
             assert str(fake.path) in str(caught.value)
 
 
+_BAD_GREETINGS = [
+    {"QMP": 1},
+    {"hello": "world"},
+    {"QMP": {"version": [], "capabilities": []}},
+    {"QMP": {"version": {}, "capabilities": 3}},
+    [1, 2],
+    "QMP",
+]
+_BAD_NEGOTIATIONS = [
+    {"error": {"class": "GenericError", "desc": "no"}}, {}, {"return": {}, "error": "x"},
+]
+
+
 @pytest.mark.parametrize(
-    "greeting",
-    [
-        {"QMP": 1},
-        {"hello": "world"},
-        {"QMP": {"version": [], "capabilities": []}},
-        {"QMP": {"version": {}, "capabilities": 3}},
-        [1, 2],
-        "QMP",
-    ],
+    ("stage", "message", "why"),
+    [("greeting", m, "greeting was not understood") for m in _BAD_GREETINGS]
+    + [("qmp_capabilities", m, "qmp_capabilities was not accepted") for m in _BAD_NEGOTIATIONS],
 )
-async def test_malformed_greeting_is_not_a_session(tmp_path: Path, greeting: Any) -> None:
-    """A greeting of the wrong shape makes no session; execute() is unavailable and says why."""
+async def test_bad_handshake_is_not_a_session(tmp_path: Path, stage: str, message: Any,
+                                              why: str) -> None:
+    """A greeting of the wrong shape, or a qmp_capabilities reply that is not a plain
+    "return", makes no session; execute() is unavailable and says why."""
     async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
-        fake.greeting = greeting
+        if stage == "greeting":
+            fake.greeting = message
+        else:
+            fake.replies["qmp_capabilities"] = message
         hv = hypervisor(fake.path)
         async with running(hv):
             await fake.wait_for("connections", 2)  # the first attempt failed and it retried
             assert not hv.connected
-            with pytest.raises(HypervisorUnavailable, match="greeting was not understood"):
-                await hv.execute("query-status")
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [{"error": {"class": "GenericError", "desc": "no"}}, {}, {"return": {}, "error": "x"}],
-)
-async def test_refused_negotiation_is_not_a_session(tmp_path: Path, reply: Any) -> None:
-    """A qmp_capabilities reply that is not a plain "return" makes no session, and says why."""
-    async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
-        fake.replies["qmp_capabilities"] = reply
-        hv = hypervisor(fake.path)
-        async with running(hv):
-            await fake.wait_for("connections", 2)  # the first attempt failed and it retried
-            assert not hv.connected
-            with pytest.raises(HypervisorUnavailable, match="qmp_capabilities was not accepted"):
+            with pytest.raises(HypervisorUnavailable, match=why):
                 await hv.execute("query-status")
