@@ -435,10 +435,15 @@ class VMPort:
                 log.info("port_lost", vm=self.vm.name, port=self.description, reason=reason)
                 if loop.time() - started >= STABLE_AFTER:
                     backoff = BACKOFF_FIRST
-            self._retry_now.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retry_now.wait(), backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            backoff = await self._backoff(backoff)
+
+    async def _backoff(self, delay: float) -> float:
+        """Wait *delay* seconds before the next attempt (less if :meth:`retry_now`);
+        return the delay after that one, doubled up to :data:`BACKOFF_MAX`."""
+        self._retry_now.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._retry_now.wait(), delay)
+        return min(delay * 2, BACKOFF_MAX)
 
     def _open_failed(self, reason: str) -> None:
         """An open attempt failed: log and tell the sink, unless it is the same as last time."""
@@ -551,10 +556,7 @@ class VMPort:
                 self.tried.set()
                 self.last_error = None
                 return server
-            self._retry_now.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retry_now.wait(), backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            backoff = await self._backoff(backoff)
 
     def write_now(self, data: bytes) -> bool:
         """Send *data* to the guest if the port is up and takes it now; else False, nothing sent."""
