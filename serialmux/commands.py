@@ -338,8 +338,8 @@ async def _run_logs(daemon: Daemon, process: Any, console: Console, identity: Id
     reader = loop.run_in_executor(_logs_executor, work)
     reader.add_done_callback(_retrieve)  # read below, or not at all if we are cancelled
     # EOF on stdin ends a follow; a one-shot runs to its end (`ssh -n`, `</dev/null`).
-    closed: asyncio.Future[Any] = asyncio.ensure_future(
-        _wait_eof(process) if ns.follow else asyncio.Event().wait())
+    closed: asyncio.Future[Any] = (asyncio.ensure_future(_wait_eof(process)) if ns.follow
+                                   else loop.create_future())  # never set: runs to its end
     try:
         await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
     finally:
