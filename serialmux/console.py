@@ -326,6 +326,12 @@ class Console:
         self.down_reason = reason
         self.notice(f"{self.name} console cannot be opened: {reason}")
 
+    def port_waiting(self, reason: str) -> None:
+        """The port is ready for the VM, which is not there yet: say so (the reason an
+        open failed before is no longer true)."""
+        self.down_reason = reason
+        self.notice(f"{self.name} console is not up: {reason}")
+
     # -- attachments ------------------------------------------------------------
 
     @property

@@ -66,6 +66,9 @@ class PortSink(Protocol):
     def port_failed(self, reason: str) -> None:
         """An open attempt failed for a reason different from the last one."""
 
+    def port_waiting(self, reason: str) -> None:
+        """The port is ready but its VM is not there yet (a listener waiting for QEMU)."""
+
 
 class TelnetDecoder:
     """Strip telnet commands from a byte stream, keeping state across chunks."""
@@ -569,6 +572,7 @@ class VMPort:
             else:
                 if self.last_error is not None:  # said it could not: say it can now
                     log.info("port_listening", vm=self.vm.name, port=self.description)
+                self.sink.port_waiting(f"listening on {path}; QEMU has not connected yet")
                 self.tried.set()
                 self.last_error = None
                 return server

@@ -441,7 +441,8 @@ async def test_hung_socket_guest_is_closed_at_once_when_its_console_stops(
 async def test_listen_socket_in_missing_directory_waits_for_it(
         tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
     """A listen:unix: console whose directory does not exist yet does not stop the daemon: it
-    says why it is down, and listens by itself once the directory appears (no reload)."""
+    says why it is down, listens by itself once the directory appears (no reload), and then
+    says it waits for QEMU instead of the stale reason."""
     vm.start()
     path = tmp_path / "later" / "vm.sock"
     listening = asyncio.Event()
@@ -466,6 +467,9 @@ async def test_listen_socket_in_missing_directory_waits_for_it(
             path.parent.mkdir()
             async with asyncio.timeout(WAIT):  # the port's own backoff, at most BACKOFF_MAX
                 await listening.wait()
+            waiting = f"listening on {path}; QEMU has not connected yet"
+            assert g.console("web-02").down_reason == waiting  # not the old ENOENT
+            await c.wait_out(waiting.encode())
             reader, writer = await asyncio.open_unix_connection(str(path))  # QEMU connects
             try:
                 await c.wait_out(b"web-02 console is up")
