@@ -8,7 +8,8 @@ starts VMs (a libvirt hook, a wrapper script) creates and removes them.
 :class:`Discovery` owns the inotify descriptor and the set of consoles it
 added. Events only mark names dirty; :meth:`Discovery.run` then looks at the
 files of each dirty name and adds, reopens or removes that one console, under
-``daemon.changes`` so it never interleaves with a reload. Names are checked
+``daemon.changes`` so it never interleaves with a reload. A discovered VM gets
+the ``[server] redact`` rules, as a static one does. Names are checked
 with :func:`~serialmux.config.check_name` before they touch a path or a log
 line. A static ``[vms.NAME]`` entry always wins over a discovered one: a
 reload that adds it takes the console over (:meth:`Discovery.static_added`),
@@ -39,6 +40,7 @@ import os
 import pwd
 import stat
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -245,9 +247,29 @@ class Discovery:
         qmp_path = self.dir / f"{name}{QMP_SUFFIX}"
         qmp = f"unix:{qmp_path}" if self._qmp_usable(name, qmp_path) else None
         return VMConfig(name=name, port=PortSpec(kind, path=str(serial)), baud=self.config.baud,
-                        qmp=qmp, ring_size=self.config.ring_size)
+                        qmp=qmp, ring_size=self.config.ring_size,
+                        redact=self.daemon.config.server.redact)  # as config.py gives [vms.*]
 
     # -- static entries (reload, under daemon.changes) ----------------------------------
+
+    def server_redact_changed(self) -> list[VMConfig]:
+        """A reload changed ``[server] redact``: swap it into each discovered console's config.
+
+        Returns the configs changed; the caller gives their consoles a new redactor. The
+        port stays open: only :meth:`_sync` comparing configs would otherwise notice, and
+        reopen it.
+        """
+        rules = self.daemon.config.server.redact
+        changed = []
+        for name, vm in list(self.vms.items()):
+            console = self.daemon.consoles.get(name)
+            if console is None or vm.redact == rules:
+                continue
+            vm = self.vms[name] = replace(vm, redact=rules)
+            console.vm = vm
+            console.port.vm = vm
+            changed.append(vm)
+        return changed
 
     def static_added(self, name: str) -> None:
         """A reload gave *name* a ``[vms.NAME]`` entry: its console is no longer discovery's."""

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from serialmux.access import Identity
+from serialmux.ring import Record, RecordKind, RingReader
 from tests.support import WAIT, Gateway, PtyVM, SocketVM, User, gateway, run_cli
 
 CHURN_SECONDS = 20.0
@@ -107,6 +108,50 @@ async def test_qmp_socket_appearing_reopens_with_hypervisor(disco: Gateway, tmp_
     finally:
         qmp.close()
         await qmp.wait_closed()
+        guest.close()
+
+
+def ring_output(gw: Gateway, vm: str) -> bytes:
+    """The guest output *vm*'s ring holds, as written (redacted)."""
+    with RingReader(gw.daemon.ring_path(vm)) as reader:  # type: ignore[union-attr]
+        return b"".join(r.payload for r in reader.records()
+                        if isinstance(r, Record) and r.kind is RecordKind.OUTPUT)
+
+
+async def guest_prints(gw: Gateway, guest: PtyVM, vm: str, line: bytes) -> None:
+    """*guest* prints *line*; return once *vm*'s console has read it (so it is in the ring)."""
+    console = gw.console(vm)
+    read = console.bytes_read
+    guest.write(line)
+    async with asyncio.timeout(WAIT):
+        while console.bytes_read < read + len(line):
+            await console.backlog.wait_beyond(console.backlog.end)
+
+
+async def test_discovered_vm_gets_the_server_redact_rules(
+        tmp_path: Path, users: dict[str, User]) -> None:
+    """[server] redact applies to a discovered VM's ring as to a static VM's, and a reload
+    that changes it applies to the discovered console's later output (port kept open)."""
+    guest = PtyVM()
+    guest.start()
+    discovery = f'[discovery]\ndir = "{tmp_path}/vms"\nring_size = "64KiB"\n'
+    try:
+        async with gateway(tmp_path, vms={}, users={"alice": users["alice"]},
+                           grants=[(["alice"], ["*"], "owner")],
+                           extra='redact = ["hunter[0-9]"]\n' + discovery) as gw:
+            assert gw.daemon is not None
+            (tmp_path / "vms" / "db-01.serial").symlink_to(guest.slave_path)
+            await gw.wait_audit("vm_discovered", vm="db-01")
+            await guest_prints(gw, guest, "db-01", b"pw hunter2 token-1\r\n")
+            assert b"pw [redacted:secret] token-1" in ring_output(gw, "db-01")
+            port = gw.console("db-01").port
+            gw.extra = 'redact = ["token-[0-9]"]\n' + discovery
+            gw.config_path.write_text(gw.toml())
+            assert await gw.daemon.reload("test")
+            await guest_prints(gw, guest, "db-01", b"pw hunter3 token-2\r\n")
+            assert b"pw hunter3 [redacted:secret]" in ring_output(gw, "db-01")
+            assert gw.console("db-01").port is port
+    finally:
         guest.close()
 
 
