@@ -66,6 +66,10 @@ async def perform(
             user=identity.user,
             vm=console.name,
         )
+    refusal = daemon.refusal(console)
+    if refusal:  # a disabled console takes nothing, from the SSH side or the host's CLI
+        daemon.audit.event("command", result="refused", reason=refusal, **audit)
+        raise SerialmuxError(refusal)
     try:
         text = await _do(console, action, arg)
     except HypervisorError as exc:

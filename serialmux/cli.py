@@ -242,7 +242,7 @@ def disable(vm: str | None, config_path: str, reason: str) -> None:
 @click.argument("vm", required=False)
 @config_option
 def enable(vm: str | None, config_path: str) -> None:
-    """Allow attaching to VM (or to every VM) again."""
+    """Allow attaching to VM (or to every VM) again; clears a gone VM's disabled entry too."""
     click.echo(_control(config_path, {"cmd": "enable", "vm": _vm_arg(vm)})["result"])
 
 

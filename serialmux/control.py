@@ -314,6 +314,22 @@ class ControlServer:
             raise ControlError(f"no VM named {vm!r}; 'serialmux status' lists them")
         return console
 
+    def _enable_target(self, request: dict[str, Any]) -> str | None:
+        """The VM ``enable`` names (None: all): a console, or a disabled entry with none now.
+
+        A VM disabled and then gone (a discovered VM that stopped, a ``[vms.NAME]`` a
+        reload removed) keeps its entry in disabled.json; ``enable`` is how it is cleared.
+        """
+        vm = request.get("vm")
+        if vm is None:
+            return None
+        if not isinstance(vm, str) or not check_name(vm):
+            raise ControlError("a VM name is required (1-63 of A-Z a-z 0-9 . _ -)")
+        if vm in self.daemon.consoles or vm in self.daemon.disabled_vms:
+            return vm
+        raise ControlError(f"no VM named {vm!r}, and {self.daemon.disabled_file} has no "
+                           "entry for it to clear; 'serialmux status' lists the VMs")
+
     async def _dispatch(self, who: Identity, cmd: str, request: dict[str, Any]
                         ) -> dict[str, Any]:
         from . import actions
@@ -339,11 +355,11 @@ class ControlServer:
             text = await actions.perform(daemon, console, who, _ACTIONS[cmd],
                                          arg if isinstance(arg, str) else None)
             return {"result": text}
-        if cmd in ("disable", "enable"):
+        if cmd == "enable":
+            return {"result": daemon.set_enabled(self._enable_target(request), who)}
+        if cmd == "disable":
             console = self._console(request, optional=True)
             name = console.name if console else None
-            if cmd == "enable":
-                return {"result": daemon.set_enabled(name, who)}
             reason = request.get("reason")
             reason = reason if isinstance(reason, str) and reason else "disabled by an operator"
             return {"result": daemon.set_disabled(name, reason, who)}

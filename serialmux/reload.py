@@ -9,7 +9,9 @@ CAs and revocation list are rebuilt from it, the plan is applied (a changed
 ``redact`` gets a new redactor), every open SSH connection's key or
 certificate is checked again (:mod:`serialmux.connections`: those no longer
 accepted are disconnected), then every remaining session and exec command
-against the new grants.
+against the new grants. A ``[vms.NAME] enabled`` that turns false closes that
+console's sessions (:meth:`~serialmux.daemon.Daemon.apply_config_disables`), and a
+changed ``[server] redact`` applies to discovered consoles too.
 
 What reload leaves alone: a console whose ``[vms.NAME]`` did not change keeps
 its port, ring and sessions untouched (not a byte is lost or repeated). A
@@ -171,6 +173,13 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
         before = old.vms.get(vm.name)
         if before is not None and before.redact != vm.redact:
             _new_redactor(daemon.consoles[vm.name], vm)
+    if daemon.discovery is not None and old.server.redact != new.server.redact:
+        for vm in daemon.discovery.server_redact_changed():
+            _new_redactor(daemon.consoles[vm.name], vm)
+    # [vms.NAME] enabled: a console it now disables has its sessions closed, as a disable does.
+    daemon.apply_config_disables(
+        old, [vm.name for vm in plan.added + plan.reopened + plan.updated] + plan.removed,
+        who)
     # Connections first (a whole login no longer accepted), then single sessions and commands.
     cut = daemon.connections.recheck("configuration reloaded")
     kicked = len(cut)

@@ -143,6 +143,38 @@ async def test_disable_enable_one_and_all(gw: Gateway, users: dict[str, User]) -
     await again.close()
 
 
+async def test_enable_clears_the_entry_of_a_vm_with_no_console(gw: Gateway) -> None:
+    """serialmux enable clears the disabled entry of a VM a reload removed; a name that is
+    neither a console nor an entry is refused saying so, a malformed one before any use."""
+    assert gw.daemon is not None
+    assert (await run_cli("disable", "web-01", "--reason", "retired", *cfg(gw))).status == 0
+    gw.vms = {}
+    gw.config_path.write_text(gw.toml())
+    assert await gw.daemon.reload("test")
+    assert "web-01" not in gw.daemon.consoles
+    result = await run_cli("enable", "web-01", *cfg(gw))
+    assert result.status == 0, result.err
+    assert result.out == "enabled web-01\n"
+    state = json.loads((gw.tmp / "state" / "disabled.json").read_text())
+    assert state["vms"] == {}
+    again = await run_cli("enable", "web-01", *cfg(gw))
+    assert again.status == 1
+    assert "no VM named 'web-01', and" in again.err
+    assert "disabled.json has no entry for it to clear" in again.err
+    gw.daemon.disabled_vms["../x"] = "planted"  # even a name in the table is checked first
+    # The CLI checks names itself: send the request raw, from another process.
+    send = ("import json, sys; from pathlib import Path; from serialmux import controlclient; "
+            "controlclient.request(Path(sys.argv[1]), json.loads(sys.argv[2]))")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", send, str(gw.daemon.config.server.runtime_dir),
+        json.dumps({"cmd": "enable", "vm": "../x"}), stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(WAIT):
+        _, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert b"ControlError: a VM name is required" in err
+    assert gw.daemon.disabled_vms == {"../x": "planted"}
+
+
 async def test_unknown_vm_and_no_daemon(gw: Gateway, tmp_path: Path) -> None:
     """An unknown VM and a stopped daemon give exit 1 and a sentence saying what to do."""
     result = await run_cli("who", "nope-1", *cfg(gw))

@@ -212,6 +212,41 @@ async def test_disabled_static_vm_removed_and_added_again_stays_disabled(
     await c2.close()
 
 
+async def test_reload_setting_enabled_false_closes_sessions_and_true_lifts_it(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """A reload that sets [vms.web-01] enabled = false tells and closes its sessions, marks the
+    ring and refuses attaches, while the port is still read; setting it back to true lifts it."""
+    assert gw.daemon is not None
+    c = await gw.attach(users["alice"], "web-01")
+    await c.wait_out(b"(writer)")
+    gw.vm_extra = {"web-01": "enabled = false"}
+    rewrite(gw)
+    assert (await run_cli("reload", "--config", str(gw.config_path))).status == 0
+    await c.wait_out(b"console disabled by a configuration reload: [vms.web-01] enabled = false")
+    assert await c.wait_closed() == 1
+    await gw.wait_audit("disable", vm="web-01", source="configuration")
+    refused = await gw.attach(users["alice"], "web-01")
+    assert await refused.wait_closed() == 1
+    assert b"console web-01 is disabled: disabled in the configuration" in refused.err
+    console = gw.console("web-01")
+    read = console.bytes_read
+    vm.write(b"still read\r\n")
+    async with asyncio.timeout(WAIT):
+        while console.bytes_read < read + 12:
+            await console.backlog.wait_beyond(console.backlog.end)
+    with RingReader(console.ring.path) as reader:
+        records = [r for r in reader.records() if isinstance(r, Record)]
+    assert any(r.kind is RecordKind.ACTION
+               and b"disabled by a configuration reload" in r.payload for r in records)
+    assert any(r.kind is RecordKind.OUTPUT and b"still read" in r.payload for r in records)
+    gw.vm_extra = {}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    ok = await gw.attach(users["alice"], "web-01")
+    await ok.wait_out(b"(writer)")
+    await ok.close()
+
+
 def fds_on(path: str) -> int:
     """How many fds of this process (the daemon's and the test's own) are open on *path*."""
     count = 0

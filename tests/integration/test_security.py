@@ -24,11 +24,21 @@ from typing import Any
 import asyncssh
 import pytest
 from asyncssh.public_key import SSHLocalKeyPair
+from structlog.testing import capture_logs
 
 from serialmux import commands
 from serialmux.access import Identity
 from serialmux.logs import write_logs
-from tests.support import WAIT, Gateway, PtyVM, User, gateway, openssh_args, ssh_binary
+from tests.support import (
+    WAIT,
+    Gateway,
+    PtyVM,
+    User,
+    gateway,
+    openssh_args,
+    run_cli,
+    ssh_binary,
+)
 
 GRANTS = [(["alice"], ["*"], "owner"), (["bob"], ["web-*"], "contributor"),
           (["carol"], ["web-*"], "reader")]
@@ -44,6 +54,11 @@ async def wait_for(predicate: Any, timeout: float = WAIT) -> None:
 def audited(gw: Gateway, event: str) -> int:
     """How many audit records of *event* the gateway has written so far."""
     return sum(1 for e in gw.audit_events if e["event"] == event)
+
+
+def cfg(gw: Gateway) -> tuple[str, str]:
+    """The --config option pointing at the gateway's file."""
+    return ("--config", str(gw.config_path))
 
 
 def ring_text(gw: Gateway, vm: str) -> bytes:
@@ -476,6 +491,29 @@ async def test_disable_while_attached_persists_and_enable(tmp_path: Path,
         await ok.close()
 
 
+async def test_a_disabled_console_refuses_actions_until_enabled(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """Disabled, a console refuses actions (sysrq, break) over SSH and from the host's CLI,
+    audited and with no action marker in the ring; enabled again, break goes through."""
+    async with started(tmp_path, vm, users) as gw:
+        alice = await gw.connect(users["alice"], "web-01")
+        assert (await alice.run('disable --reason "maintenance"')).exit_status == 0
+        bob = await gw.connect(users["bob"], "web-01")
+        over_ssh = await bob.run("sysrq h", encoding=None)
+        assert over_ssh.exit_status == 1
+        assert b"console web-01 is disabled: maintenance" in over_ssh.stderr
+        await gw.wait_audit("command", action="sysrq", user="bob", result="refused")
+        local = await run_cli("break", "web-01", *cfg(gw))
+        assert local.status == 1
+        assert "console web-01 is disabled: maintenance" in local.err
+        await gw.wait_audit("command", action="break", result="refused")
+        assert b"sent by" not in ring_text(gw, "web-01")
+        assert (await alice.run("enable")).exit_status == 0
+        again = await bob.run("break", encoding=None)
+        assert again.exit_status == 0, again.stderr
+        assert b"BREAK sent by bob" in ring_text(gw, "web-01")
+
+
 async def test_server_enabled_false_refuses_everything(tmp_path: Path, users: dict[str, User],
                                                        vm: PtyVM) -> None:
     """[server] enabled = false: every attach is refused with the reason."""
@@ -483,6 +521,78 @@ async def test_server_enabled_false_refuses_everything(tmp_path: Path, users: di
         c = await gw.attach(users["alice"], "web-01")
         assert await c.wait_closed() == 1
         assert b"disabled for all VMs: disabled in the configuration" in c.err
+
+
+async def read_through(gw: Gateway, vm: str, count: int) -> None:
+    """Wait until *vm*'s console has read *count* bytes (each chunk is in the ring by then)."""
+    console = gw.console(vm)
+    async with asyncio.timeout(WAIT):
+        while console.bytes_read < count:
+            await console.backlog.wait_beyond(console.backlog.end)
+
+
+async def test_vm_enabled_false_refuses_attaches_and_enable_cannot_lift_it(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """[vms.NAME] enabled = false: output is still read into the ring, SSH and local attaches
+    are refused saying so, and enable (CLI or SSH) clears a runtime disable but fails naming
+    the file and key; disabled.json never holds the configuration's disable."""
+    async with started(tmp_path, vm, users, vm_extra={"web-01": "enabled = false"}) as gw:
+        vm.write(b"booting while disabled\r\n")
+        await read_through(gw, "web-01", 24)
+        assert b"booting while disabled" in ring_text(gw, "web-01")
+        refused = await gw.attach(users["alice"], "web-01")
+        assert await refused.wait_closed() == 1
+        assert (b"console web-01 is disabled: disabled in the configuration "
+                b"([vms.web-01] enabled = false)") in refused.err
+        local = await run_cli("attach", "web-01", *cfg(gw))
+        assert local.status == 1
+        assert "console web-01 is disabled: disabled in the configuration" in local.err
+        assert (await run_cli("disable", "web-01", "--reason", "also", *cfg(gw))).status == 0
+        result = await run_cli("enable", "web-01", *cfg(gw))
+        assert result.status == 1
+        assert (f"web-01 stays disabled: [vms.web-01] enabled = false in {gw.config_path}"
+                in result.err)
+        await gw.wait_audit("enable", vm="web-01", result="refused")
+        state = json.loads((tmp_path / "state" / "disabled.json").read_text())
+        assert state == {"all": None, "vms": {}}  # the runtime "also" was cleared
+        alice = await gw.connect(users["alice"], "web-01")
+        over_ssh = await alice.run("enable", encoding=None)
+        assert over_ssh.exit_status == 1
+        assert b"[vms.web-01] enabled = false" in over_ssh.stderr
+        again = await gw.attach(users["alice"], "web-01")
+        assert await again.wait_closed() == 1
+        assert b"disabled in the configuration" in again.err
+
+
+async def test_server_enabled_false_is_not_written_to_disabled_json(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """[server] enabled = false stays out of disabled.json (so setting it true and restarting
+    lifts it), and enable (all) fails saying it needs the config changed and a restart."""
+    async with started(tmp_path, vm, users, extra="enabled = false") as gw:
+        assert (await run_cli("disable", "web-01", *cfg(gw))).status == 0
+        state = json.loads((tmp_path / "state" / "disabled.json").read_text())
+        assert state["all"] is None
+        result = await run_cli("enable", *cfg(gw))
+        assert result.status == 1
+        assert "every VM stays disabled: [server] enabled = false in" in result.err
+        assert "restart serialmux" in result.err
+
+
+@pytest.mark.parametrize("contents", ['["web-01"]', '"everything"', '{"all": 5, "vms": []}'])
+async def test_disabled_json_of_the_wrong_shape_is_logged_and_ignored(
+        contents: str, tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A disabled.json that is valid JSON but not an object, or whose "all" is not a string,
+    is logged naming the file and read as empty: the daemon starts and serves."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "disabled.json").write_text(contents)
+    with capture_logs() as logs:
+        async with started(tmp_path, vm, users) as gw:
+            c = await gw.attach(users["alice"], "web-01")
+            await c.wait_out(b"(writer)")
+            await c.close()
+    unreadable = [e for e in logs if e["event"] == "disabled_state_unreadable"]
+    assert [e["path"] for e in unreadable] == [str(state / "disabled.json")]
 
 
 # ----------------------------------------------------------------------------
