@@ -66,7 +66,7 @@ async def perform(
             user=identity.user,
             vm=console.name,
         )
-    refusal = daemon.refusal(console)
+    refusal = daemon.disabling.refusal(console)
     if refusal:  # a disabled console takes nothing, from the SSH side or the host's CLI
         daemon.audit.event("command", result="refused", reason=refusal, **audit)
         raise SerialmuxError(refusal)

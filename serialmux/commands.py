@@ -241,8 +241,8 @@ async def _disable(daemon: Daemon, process: Any, out: _Out, console: Console,
                          "characters (no control characters or newlines)")
     if ns.all:
         _check_owner_of_all(daemon, identity, "disable")
-    out.line(daemon.set_disabled(None if ns.all else console.name, reason or "no reason given",
-                                 identity))
+    out.line(daemon.disabling.disable(None if ns.all else console.name,
+                                      reason or "no reason given", identity))
     return 0
 
 
@@ -270,7 +270,7 @@ async def _enable(daemon: Daemon, process: Any, out: _Out, console: Console, ide
         raise SerialmuxError("enable needs the owner role")
     if ns.all:
         _check_owner_of_all(daemon, identity, "enable")
-    out.line(daemon.set_enabled(None if ns.all else console.name, identity))
+    out.line(daemon.disabling.enable(None if ns.all else console.name, identity))
     return 0
 
 

@@ -148,7 +148,7 @@ class VMConfig:
     ring_size: int = DEFAULT_RING_SIZE
     on_detach: bytes | None = None
     idle_timeout: float | None = None
-    enabled: bool = True  # False: attaches refused (Daemon.disabled_reason); still read, kept
+    enabled: bool = True  # False: attaches refused (Disabling.reason); still read, kept
     redact: tuple[RedactRule, ...] = ()  # [server] redact first, then this VM's
 
 

@@ -325,9 +325,9 @@ class ControlServer:
             return None
         if not isinstance(vm, str) or not check_name(vm):
             raise ControlError("a VM name is required (1-63 of A-Z a-z 0-9 . _ -)")
-        if vm in self.daemon.consoles or vm in self.daemon.disabled_vms:
+        if vm in self.daemon.consoles or vm in self.daemon.disabling.vms:
             return vm
-        raise ControlError(f"no VM named {vm!r}, and {self.daemon.disabled_file} has no "
+        raise ControlError(f"no VM named {vm!r}, and {self.daemon.disabling.path} has no "
                            "entry for it to clear; 'serialmux status' lists the VMs")
 
     async def _dispatch(self, who: Identity, cmd: str, request: dict[str, Any]
@@ -356,13 +356,13 @@ class ControlServer:
                                          arg if isinstance(arg, str) else None)
             return {"result": text}
         if cmd == "enable":
-            return {"result": daemon.set_enabled(self._enable_target(request), who)}
+            return {"result": daemon.disabling.enable(self._enable_target(request), who)}
         if cmd == "disable":
             console = self._console(request, optional=True)
             name = console.name if console else None
             reason = request.get("reason")
             reason = reason if isinstance(reason, str) and reason else "disabled by an operator"
-            return {"result": daemon.set_disabled(name, reason, who)}
+            return {"result": daemon.disabling.disable(name, reason, who)}
         if cmd == "reload":
             if not await daemon.reload(who=f"control:{who.user}"):
                 raise ControlError("the configuration has errors; the running one stays "
@@ -380,7 +380,7 @@ class ControlServer:
         try:
             console = self._console(request)
             assert console is not None
-            refusal = self.daemon.refusal(console)
+            refusal = self.daemon.disabling.refusal(console)
             if refusal:
                 raise ControlError(refusal)
             read_only, safe = bool(request.get("ro")), bool(request.get("safe"))
@@ -491,6 +491,6 @@ def status_report(daemon: Daemon) -> dict[str, Any]:
         })
     started = datetime.fromtimestamp(daemon.started, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"summary": daemon.summary(), "started": started, "pid": os.getpid(),
-            "disabled": daemon.disabled_all, "config": str(daemon.config.path),
+            "disabled": daemon.disabling.all_vms, "config": str(daemon.config.path),
             "listeners": [f"{h}:{p}" for h, p in daemon.addresses],
             "control": str(socket_path(daemon.config.server.runtime_dir)), "vms": vms}

@@ -4,19 +4,18 @@
 CLI does through :func:`run`. Start-up: state directory → rings → consoles
 (each port tried once) → SSH listeners bound → ``READY=1``. Shutdown order
 (uvicorn's): stop accepting → tell clients → bounded wait for sessions →
-cancel with a reason → close ports → mark and sync the rings.
+cancel with a reason → close ports → mark and sync the rings. What is disabled,
+and why, is kept by :class:`~serialmux.disabling.Disabling` (``Daemon.disabling``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import resource
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +24,12 @@ import asyncssh
 from . import session as session_mod
 from .access import Identity
 from .auth import Gate, Revocations, load_cas
-from .commands import MAX_REASON, clean_text
 from .config import Config, VMConfig
 from .connections import Connections
 from .console import Console
+from .disabling import Disabling
 from .errors import RingError, SerialmuxError
-from .log import Audit, get_logger, utc_now
+from .log import Audit, get_logger
 from .mfa import TotpStore
 from .port import VMPort
 from .ring import (
@@ -80,12 +79,8 @@ class Daemon:
         self.acceptors: list[asyncssh.SSHAcceptor] = []
         self.addresses: list[tuple[str, int]] = []
         self.started = time.time()
-        self.disabled_all: str | None = None  # in force: a runtime disable, or the config's
-        self._runtime_all: str | None = None  # only a runtime disable: what disabled.json holds
-        # The one record of disabled VMs (what disabled.json holds): name -> "REASON (by USER
-        # at TIME)". Kept while a VM is absent; Console.disabled is set from it and the
-        # config ([vms.NAME] enabled = false) by disabled_reason().
-        self.disabled_vms: dict[str, str] = {}
+        # What is disabled and why (serialmux.disabling): disabled.json and the config's switches.
+        self.disabling = Disabling(self)
         # Authentication policy (serialmux.auth, serialmux.mfa): owned here, used by sshd/session.
         self.gate = Gate(config.ssh)
         self.user_cas = load_cas(config.ssh.user_ca_keys)
@@ -151,7 +146,7 @@ class Daemon:
         server = self.config.server
         for d in (server.state_dir, self.ring_dir, server.runtime_dir):
             d.mkdir(mode=0o750, parents=True, exist_ok=True)
-        self._load_disabled()
+        self.disabling.load()
         self._install_signals()
         self.notifier.status("starting")
         try:
@@ -203,7 +198,7 @@ class Daemon:
         """A one-line status for systemd and ``serialmux status``."""
         up = sum(1 for c in self.consoles.values() if c.up)
         return (f"{up}/{len(self.consoles)} consoles up, {len(self.sessions)} sessions"
-                + (", disabled" if self.disabled_all else ""))
+                + (", disabled" if self.disabling.all_vms else ""))
 
     async def _wait_ports_tried(self) -> None:
         waits = [c.port.tried.wait() for c in self.consoles.values()]
@@ -263,7 +258,7 @@ class Daemon:
         assert self._tasks is not None
         ring = self._open_ring(vm)
         console = Console(vm, audit=self.audit, ring=ring)
-        console.disabled = self.disabled_reason(vm.name)
+        console.disabled = self.disabling.reason(vm.name)
         if vm.qmp:
             self._add_hypervisor(console, vm.qmp)
         console.on_state_change = self.status_changed
@@ -477,165 +472,7 @@ class Daemon:
         if batch:
             await write(bytes(batch))
 
-    # -- enable / disable / kick -----------------------------------------------------
-
-    @property
-    def disabled_file(self) -> Path:
-        """Where the runtime disables are kept (``state_dir/disabled.json``)."""
-        return self.config.server.state_dir / "disabled.json"
-
-    def _load_disabled(self) -> None:
-        """Read disabled.json; a file that is not what :meth:`_save_disabled` writes is logged
-        (naming it) and read as empty, so a damaged file never stops the daemon."""
-        path = self.disabled_file
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            data = {}
-        except (OSError, ValueError) as exc:
-            log.error("disabled_state_unreadable", path=str(path), error=str(exc))
-            data = {}
-        if not isinstance(data, dict):
-            log.error("disabled_state_unreadable", path=str(path),
-                      error=f"the top level is {_json_kind(data)}, not an object",
-                      hint="read as empty; the next disable or enable rewrites it")
-            data = {}
-        everything = data.get("all")
-        if everything is not None and not isinstance(everything, str):
-            log.error("disabled_state_unreadable", path=str(path),
-                      error=f'"all" is {_json_kind(everything)}, not a string; ignored')
-            everything = None
-        self._runtime_all = everything or None
-        vms = data.get("vms")
-        self.disabled_vms = ({n: t for n, t in vms.items() if isinstance(t, str) and t}
-                             if isinstance(vms, dict) else {})
-        self._copy_disabled_all()
-
-    def _copy_disabled_all(self) -> None:
-        """Set :attr:`disabled_all`: the runtime disable, else ``[server] enabled = false``'s."""
-        self.disabled_all = self._runtime_all or (
-            None if self.config.server.enabled else "disabled in the configuration")
-
-    def _save_disabled(self) -> None:
-        # Only runtime disables: the configuration's are its own to lift.
-        data = {"all": self._runtime_all, "vms": dict(sorted(self.disabled_vms.items()))}
-        tmp = self.disabled_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.disabled_file)
-
-    def refusal(self, console: Console) -> str | None:
-        """Why attaching to *console* is refused now, or None."""
-        if self.disabled_all:
-            return ("serialmux is disabled for all VMs: "
-                    f"{clean_text(self.disabled_all, 2 * MAX_REASON)}")
-        if console.disabled:
-            return (f"console {console.name} is disabled: "
-                    f"{clean_text(console.disabled, 2 * MAX_REASON)}")
-        return None
-
-    def set_disabled(self, vm: str | None, reason: str, who: Identity) -> str:
-        """Disable one VM (or all), persist it, and close the sessions attached.
-
-        A VM's entry in :attr:`disabled_vms` (and disabled.json) outlives its
-        console: a discovered VM that stops, or a ``[vms.NAME]`` that a reload
-        removes, is still disabled when it comes back, after a restart too,
-        and for ever if it never does, until :meth:`set_enabled` clears it.
-        """
-        reason = clean_text(reason)  # shown to every user refused, and in the ring
-        text = f"{reason} (by {who.user} at {utc_now()})"
-        if vm is None:
-            self._runtime_all = text
-            self._copy_disabled_all()
-            targets = list(self.consoles.values())
-        else:
-            self.disabled_vms[vm] = text
-            targets = self._copy_disabled(vm)
-        self._save_disabled()
-        self.audit.event("disable", vm=vm or "*", user=who.user, session=who.session_id,
-                         peer=who.peer, reason=reason, result="ok")
-        for console in targets:
-            console.mark("ACTION", f"disabled by {who.user}: {reason}", user=who.user,
-                         action="disable")
-            console.close_all(f"console disabled by {who.user}: {reason}")
-        return f"disabled {vm or 'all VMs'}: {reason}"
-
-    def set_enabled(self, vm: str | None, who: Identity) -> str:
-        """Enable one VM (or all) again; a VM with no console now has its entry cleared too.
-
-        ``enable`` (all) lifts only the all-VMs switch: VMs disabled one by one stay so.
-        A disable by the configuration (``[server] enabled = false``, ``[vms.NAME]
-        enabled = false``) is not lifted: the runtime entry is cleared all the same,
-        then :class:`SerialmuxError` says which key still disables it and how to change it.
-        """
-        if vm is None:
-            self._runtime_all = None
-            self._copy_disabled_all()
-        else:
-            self.disabled_vms.pop(vm, None)
-            self._copy_disabled(vm)
-        self._save_disabled()
-        kept = (self._config_key_disabling(vm) if vm is not None
-                else "[server] enabled" if self.disabled_all else None)
-        self.audit.event("enable", vm=vm or "*", user=who.user, session=who.session_id,
-                         peer=who.peer, result="ok" if kept is None else "refused",
-                         reason=None if kept is None else f"{kept} = false in the configuration")
-        if kept is not None:
-            where = self.config.path or "the configuration file"
-            then = ("restart serialmux" if vm is None
-                    else "run 'serialmux reload' (or systemctl reload serialmux)")
-            raise SerialmuxError(
-                f"{vm or 'every VM'} stays disabled: {kept} = false in {where} (a runtime "
-                f"disable, if any, was cleared); set it to true there, then {then}")
-        return f"enabled {vm or 'all VMs'}"
-
-    def _config_key_disabling(self, vm: str) -> str | None:
-        """The config key that disables *vm*, ``[vms.NAME] enabled``, or None."""
-        entry = self.config.vms.get(vm)
-        return f"[vms.{vm}] enabled" if entry is not None and not entry.enabled else None
-
-    def disabled_reason(self, vm: str) -> str | None:
-        """Why *vm* is disabled now (what its console shows), or None.
-
-        The configuration's ``[vms.NAME] enabled = false`` comes first: it is the
-        one to lift before a runtime entry (kept meanwhile) matters again.
-        """
-        key = self._config_key_disabling(vm)
-        if key is not None:
-            return f"disabled in the configuration ({key} = false)"
-        return self.disabled_vms.get(vm)
-
-    def apply_config_disables(self, old: Config, names: Iterable[str], who: str) -> None:
-        """After a reload: each console in *names* takes the disabled state the config says.
-
-        A console the new configuration disables (``enabled = false``, or a static
-        entry with it taking over a discovered VM) gets a ring marker and its
-        sessions are told and closed, as :meth:`set_disabled` does; one it enables
-        again falls back to its runtime entry, if any.
-        """
-        for name in names:
-            console = self.consoles.get(name)
-            if console is None:
-                continue
-            before = old.vms.get(name)
-            was = before is not None and not before.enabled
-            self._copy_disabled(name)
-            key = self._config_key_disabling(name)
-            if was or key is None:
-                continue
-            self.audit.event("disable", vm=name, user=who, reason=f"{key} = false",
-                             result="ok", source="configuration")
-            console.mark("ACTION", f"disabled by a configuration reload: {key} = false",
-                         user=who, action="disable")
-            console.close_all(f"console disabled by a configuration reload: {key} = false")
-
-    def _copy_disabled(self, vm: str) -> list[Console]:
-        """Copy *vm*'s disabled state (:meth:`disabled_reason`) to its console; return it
-        (none if absent)."""
-        console = self.consoles.get(vm)
-        if console is None:
-            return []
-        console.disabled = self.disabled_reason(vm)
-        return [console]
+    # -- kick ----------------------------------------------------------------------
 
     def kick(self, console: Console, user: str | None, who: Identity) -> str:
         """Disconnect the writer of *console*, or every session of *user* on it."""
@@ -704,19 +541,6 @@ def _raise_fd_limit(consoles: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < need:
         log.warning("fd_limit_low", limit=soft, needed=need, consoles=consoles,
                     hint="raise LimitNOFILE= in the unit (or ulimit -n)")
-
-
-def _json_kind(value: object) -> str:
-    """What JSON *value* is, for a message: ``an array``, ``a string``, ``null`` ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    return "an object" if isinstance(value, dict) else "a number"
 
 
 def _close_ring(vm: str, ring: RingWriter, kind: RecordKind | None = None,

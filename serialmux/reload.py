@@ -10,7 +10,7 @@ CAs and revocation list are rebuilt from it, the plan is applied (a changed
 certificate is checked again (:mod:`serialmux.connections`: those no longer
 accepted are disconnected), then every remaining session and exec command
 against the new grants. A ``[vms.NAME] enabled`` that turns false closes that
-console's sessions (:meth:`~serialmux.daemon.Daemon.apply_config_disables`), and a
+console's sessions (:meth:`~serialmux.disabling.Disabling.apply_config`), and a
 changed ``[server] redact`` applies to discovered consoles too.
 
 What reload leaves alone: a console whose ``[vms.NAME]`` did not change keeps
@@ -19,7 +19,7 @@ its port, ring and sessions untouched (not a byte is lost or repeated). A
 removed while NAME's files are in the discovery directory hands the console
 back to discovery (reopened, sessions kept) instead of removing it. Disabled
 VMs stay disabled across both, and across removal and return
-(:meth:`~serialmux.daemon.Daemon.set_disabled`).
+(:meth:`~serialmux.disabling.Disabling.disable`).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
         for vm in daemon.discovery.server_redact_changed():
             _new_redactor(daemon.consoles[vm.name], vm)
     # [vms.NAME] enabled: a console it now disables has its sessions closed, as a disable does.
-    daemon.apply_config_disables(
+    daemon.disabling.apply_config(
         old, [vm.name for vm in plan.added + plan.reopened + plan.updated] + plan.removed,
         who)
     # Connections first (a whole login no longer accepted), then single sessions and commands.

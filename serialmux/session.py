@@ -171,7 +171,7 @@ async def _route(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes], iden
         audit.event("refused", vm=console.name, reason=f"subsystem {process.subsystem!r}", **base)
         _error(process, f"subsystem {process.subsystem!r} is not offered; use 'console'")
         return 1
-    refusal = daemon.refusal(console)
+    refusal = daemon.disabling.refusal(console)
     if refusal:
         audit.event("refused", vm=console.name, reason=refusal, **base)
         _error(process, refusal)

@@ -161,7 +161,7 @@ async def test_enable_clears_the_entry_of_a_vm_with_no_console(gw: Gateway) -> N
     assert again.status == 1
     assert "no VM named 'web-01', and" in again.err
     assert "disabled.json has no entry for it to clear" in again.err
-    gw.daemon.disabled_vms["../x"] = "planted"  # even a name in the table is checked first
+    gw.daemon.disabling.vms["../x"] = "planted"  # even a name in the table is checked first
     # The CLI checks names itself: send the request raw, from another process.
     send = ("import json, sys; from pathlib import Path; from serialmux import controlclient; "
             "controlclient.request(Path(sys.argv[1]), json.loads(sys.argv[2]))")
@@ -172,7 +172,7 @@ async def test_enable_clears_the_entry_of_a_vm_with_no_console(gw: Gateway) -> N
         _, err = await proc.communicate()
     assert proc.returncode == 1
     assert b"ControlError: a VM name is required" in err
-    assert gw.daemon.disabled_vms == {"../x": "planted"}
+    assert gw.daemon.disabling.vms == {"../x": "planted"}
 
 
 async def test_unknown_vm_and_no_daemon(gw: Gateway, tmp_path: Path) -> None:

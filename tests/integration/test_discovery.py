@@ -298,9 +298,9 @@ async def test_enabled_vm_stays_enabled_and_enable_clears_an_absent_vm(
             c = await gw.attach(users["alice"], "old-vm")
             await c.wait_out(b"(writer)")
             await c.close()
-            assert gw.daemon.set_enabled("gone-vm", ROOT) == "enabled gone-vm"
+            assert gw.daemon.disabling.enable("gone-vm", ROOT) == "enabled gone-vm"
             assert disabled_json(gw) == {}
-            assert gw.daemon.disabled_vms == {}
+            assert gw.daemon.disabling.vms == {}
     finally:
         guest.close()
 

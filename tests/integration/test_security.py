@@ -839,7 +839,7 @@ async def test_disable_all_needs_owner_of_every_vm(tmp_path: Path, users: dict[s
                 assert b"--all needs the owner role on every VM" in result.stderr
             await gw.wait_audit("refused", user="alice", command="disable", vm="*")
             assert gw.daemon is not None
-            assert gw.daemon.disabled_all is None
+            assert gw.daemon.disabling.all_vms is None
             assert not held.closed
             bob = await gw.connect(users["bob"], "web-01")
             result = await bob.run("disable --all --reason maintenance", encoding=None)
@@ -865,7 +865,7 @@ async def test_disable_reason_shown_to_others_is_escaped(gw: Gateway,
                                                          users: dict[str, User]) -> None:
     """A reason with escapes (control socket, old state file) reaches others escaped, cut short."""
     assert gw.daemon is not None
-    gw.daemon.set_disabled("web-01", "\x1b[2Jgone" + "y" * 300, Identity(
+    gw.daemon.disabling.disable("web-01", "\x1b[2Jgone" + "y" * 300, Identity(
         user="root", fingerprint="", peer="local", session_id="t", local=True))
     c = await gw.attach(users["bob"], "web-01")
     assert await c.wait_closed() == 1

@@ -1,0 +1,225 @@
+"""What is disabled, and why: the runtime record in ``disabled.json`` and the config's switches.
+
+Two sources disable a console. At run time, ``disable`` (over SSH or the
+control socket) disables one VM or all of them; :class:`Disabling` keeps
+that record in ``state_dir/disabled.json`` across restarts, and a VM's entry
+outlives its console: a discovered VM that stops, or a ``[vms.NAME]`` that a
+reload removes, is still disabled when it comes back, and for ever if it never
+does, until ``enable`` clears it. The configuration disables too:
+``[server] enabled = false`` every VM, ``[vms.NAME] enabled = false`` one. It
+comes first (it is the one to lift before a runtime entry, kept meanwhile,
+matters again) and is never written to ``disabled.json``, which holds only
+runtime disables: ``enable`` cannot lift it, and says which key in which file
+still does.
+
+``Console.disabled`` is a copy of what is in force for that VM, set from here
+whenever it may change (a console added, a disable or enable, a reload); a
+disabled console refuses attaches and actions alike (:meth:`Disabling.refusal`).
+A damaged ``disabled.json`` is logged, naming it, and read as empty: it never
+stops the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .access import Identity
+from .commands import MAX_REASON, clean_text
+from .config import Config
+from .console import Console
+from .errors import SerialmuxError
+from .log import get_logger, utc_now
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = get_logger(__name__)
+
+
+class Disabling:
+    """The daemon's disabled state: the runtime record, its file, and what is in force."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.all_vms: str | None = None  # in force: a runtime disable, or the config's
+        self._runtime_all: str | None = None  # only a runtime disable: what disabled.json holds
+        # The one record of disabled VMs (what disabled.json holds): name -> "REASON (by USER
+        # at TIME)". Kept while a VM is absent; Console.disabled is set from it and the
+        # config ([vms.NAME] enabled = false) by reason().
+        self.vms: dict[str, str] = {}
+
+    @property
+    def path(self) -> Path:
+        """Where the runtime disables are kept (``state_dir/disabled.json``)."""
+        return self.daemon.config.server.state_dir / "disabled.json"
+
+    def load(self) -> None:
+        """Read disabled.json; a file that is not what :meth:`_save` writes is logged
+        (naming it) and read as empty, so a damaged file never stops the daemon."""
+        path = self.path
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            data = {}
+        except (OSError, ValueError) as exc:
+            log.error("disabled_state_unreadable", path=str(path), error=str(exc))
+            data = {}
+        if not isinstance(data, dict):
+            log.error("disabled_state_unreadable", path=str(path),
+                      error=f"the top level is {_json_kind(data)}, not an object",
+                      hint="read as empty; the next disable or enable rewrites it")
+            data = {}
+        everything = data.get("all")
+        if everything is not None and not isinstance(everything, str):
+            log.error("disabled_state_unreadable", path=str(path),
+                      error=f'"all" is {_json_kind(everything)}, not a string; ignored')
+            everything = None
+        self._runtime_all = everything or None
+        vms = data.get("vms")
+        self.vms = ({n: t for n, t in vms.items() if isinstance(t, str) and t}
+                    if isinstance(vms, dict) else {})
+        self._copy_all()
+
+    def _copy_all(self) -> None:
+        """Set :attr:`all_vms`: the runtime disable, else ``[server] enabled = false``'s."""
+        self.all_vms = self._runtime_all or (
+            None if self.daemon.config.server.enabled else "disabled in the configuration")
+
+    def _save(self) -> None:
+        # Only runtime disables: the configuration's are its own to lift.
+        data = {"all": self._runtime_all, "vms": dict(sorted(self.vms.items()))}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.path)
+
+    def refusal(self, console: Console) -> str | None:
+        """Why attaching to *console* is refused now, or None."""
+        if self.all_vms:
+            return ("serialmux is disabled for all VMs: "
+                    f"{clean_text(self.all_vms, 2 * MAX_REASON)}")
+        if console.disabled:
+            return (f"console {console.name} is disabled: "
+                    f"{clean_text(console.disabled, 2 * MAX_REASON)}")
+        return None
+
+    def disable(self, vm: str | None, reason: str, who: Identity) -> str:
+        """Disable one VM (or all), persist it, and close the sessions attached.
+
+        A VM's entry in :attr:`vms` (and disabled.json) outlives its
+        console: a discovered VM that stops, or a ``[vms.NAME]`` that a reload
+        removes, is still disabled when it comes back, after a restart too,
+        and for ever if it never does, until :meth:`enable` clears it.
+        """
+        reason = clean_text(reason)  # shown to every user refused, and in the ring
+        text = f"{reason} (by {who.user} at {utc_now()})"
+        if vm is None:
+            self._runtime_all = text
+            self._copy_all()
+            targets = list(self.daemon.consoles.values())
+        else:
+            self.vms[vm] = text
+            targets = self._copy(vm)
+        self._save()
+        self.daemon.audit.event("disable", vm=vm or "*", user=who.user, session=who.session_id,
+                                peer=who.peer, reason=reason, result="ok")
+        for console in targets:
+            console.mark("ACTION", f"disabled by {who.user}: {reason}", user=who.user,
+                         action="disable")
+            console.close_all(f"console disabled by {who.user}: {reason}")
+        return f"disabled {vm or 'all VMs'}: {reason}"
+
+    def enable(self, vm: str | None, who: Identity) -> str:
+        """Enable one VM (or all) again; a VM with no console now has its entry cleared too.
+
+        ``enable`` (all) lifts only the all-VMs switch: VMs disabled one by one stay so.
+        A disable by the configuration (``[server] enabled = false``, ``[vms.NAME]
+        enabled = false``) is not lifted: the runtime entry is cleared all the same,
+        then :class:`SerialmuxError` says which key still disables it and how to change it.
+        """
+        if vm is None:
+            self._runtime_all = None
+            self._copy_all()
+        else:
+            self.vms.pop(vm, None)
+            self._copy(vm)
+        self._save()
+        kept = (self._config_key(vm) if vm is not None
+                else "[server] enabled" if self.all_vms else None)
+        self.daemon.audit.event(
+            "enable", vm=vm or "*", user=who.user, session=who.session_id, peer=who.peer,
+            result="ok" if kept is None else "refused",
+            reason=None if kept is None else f"{kept} = false in the configuration")
+        if kept is not None:
+            where = self.daemon.config.path or "the configuration file"
+            then = ("restart serialmux" if vm is None
+                    else "run 'serialmux reload' (or systemctl reload serialmux)")
+            raise SerialmuxError(
+                f"{vm or 'every VM'} stays disabled: {kept} = false in {where} (a runtime "
+                f"disable, if any, was cleared); set it to true there, then {then}")
+        return f"enabled {vm or 'all VMs'}"
+
+    def _config_key(self, vm: str) -> str | None:
+        """The config key that disables *vm*, ``[vms.NAME] enabled``, or None."""
+        entry = self.daemon.config.vms.get(vm)
+        return f"[vms.{vm}] enabled" if entry is not None and not entry.enabled else None
+
+    def reason(self, vm: str) -> str | None:
+        """Why *vm* is disabled now (what its console shows), or None.
+
+        The configuration's ``[vms.NAME] enabled = false`` comes first: it is the
+        one to lift before a runtime entry (kept meanwhile) matters again.
+        """
+        key = self._config_key(vm)
+        if key is not None:
+            return f"disabled in the configuration ({key} = false)"
+        return self.vms.get(vm)
+
+    def apply_config(self, old: Config, names: Iterable[str], who: str) -> None:
+        """After a reload: each console in *names* takes the disabled state the config says.
+
+        A console the new configuration disables (``enabled = false``, or a static
+        entry with it taking over a discovered VM) gets a ring marker and its
+        sessions are told and closed, as :meth:`disable` does; one it enables
+        again falls back to its runtime entry, if any.
+        """
+        for name in names:
+            console = self.daemon.consoles.get(name)
+            if console is None:
+                continue
+            before = old.vms.get(name)
+            was = before is not None and not before.enabled
+            self._copy(name)
+            key = self._config_key(name)
+            if was or key is None:
+                continue
+            self.daemon.audit.event("disable", vm=name, user=who, reason=f"{key} = false",
+                                    result="ok", source="configuration")
+            console.mark("ACTION", f"disabled by a configuration reload: {key} = false",
+                         user=who, action="disable")
+            console.close_all(f"console disabled by a configuration reload: {key} = false")
+
+    def _copy(self, vm: str) -> list[Console]:
+        """Copy *vm*'s disabled state (:meth:`reason`) to its console; return it
+        (none if absent)."""
+        console = self.daemon.consoles.get(vm)
+        if console is None:
+            return []
+        console.disabled = self.reason(vm)
+        return [console]
+
+
+def _json_kind(value: object) -> str:
+    """What JSON *value* is, for a message: ``an array``, ``a string``, ``null`` ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    return "an object" if isinstance(value, dict) else "a number"
