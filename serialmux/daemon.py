@@ -153,7 +153,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
                 for vm in self.config.vms.values():
-                    self._add_console(vm)
+                    self.add_console_at_start(vm)
                 if self.config.discovery is not None:
                     from .discovery import Discovery
                     self.discovery = Discovery(self, self.config.discovery)
@@ -254,9 +254,8 @@ class Daemon:
 
     # -- consoles ------------------------------------------------------------------
 
-    def _add_console(self, vm: VMConfig) -> Console:
+    def _add_console(self, vm: VMConfig, ring: RingWriter | None) -> Console:
         assert self._tasks is not None
-        ring = self._open_ring(vm)
         console = Console(vm, audit=self.audit, ring=ring)
         console.disabled = self.disabling.reason(vm.name)
         if vm.qmp:
@@ -266,9 +265,19 @@ class Daemon:
         self._console_tasks[vm.name] = self._tasks.create_task(console.run())
         return console
 
-    def add_console(self, vm: VMConfig) -> Console:
-        """Add and start a console while serving (reload, discovery); its port opens later."""
-        console = self._add_console(vm)
+    def add_console_at_start(self, vm: VMConfig) -> Console:
+        """Add and start a console before serving (the configuration's, discovery's first scan)."""
+        return self._add_console(vm, self._ring_opened(vm, self._open_ring(vm)))
+
+    async def add_console(self, vm: VMConfig) -> Console:
+        """Add and start a console while serving (reload, discovery); its port opens later.
+
+        Its ring is opened in a worker thread: creating one preallocates and syncs
+        it, and recovering one reads it, so a slow or failing disk would otherwise
+        stall every other console meanwhile.
+        """
+        ring = await asyncio.to_thread(self._open_ring, vm)
+        console = self._add_console(vm, self._ring_opened(vm, ring))
         self.status_changed()
         return console
 
@@ -290,8 +299,9 @@ class Daemon:
         await self.stop_console(name)
         console.flush_redacted()  # output held back by redaction goes in before the marker
         ring, console.ring = console.ring, None
-        if ring is not None:
-            _close_ring(name, ring, RecordKind.NOTE, f"console removed: {reason}")
+        if ring is not None:  # its last sync, in a worker thread (see add_console)
+            await asyncio.to_thread(_close_ring, name, ring, RecordKind.NOTE,
+                                    f"console removed: {reason}")
         self.status_changed()
 
     async def reopen_console(self, vm: VMConfig) -> None:
@@ -301,8 +311,9 @@ class Daemon:
         if console.up:
             console.port_down("port changed by a configuration reload")
         if console.ring is not None and console.ring.size != vm.ring_size:
-            _close_ring(vm.name, console.ring)
-            console.ring = self._open_ring(vm)
+            ring, console.ring = console.ring, None  # the port is stopped: nothing to log
+            await asyncio.to_thread(_close_ring, vm.name, ring)
+            console.ring = self._ring_opened(vm, await asyncio.to_thread(self._open_ring, vm))
         console.vm = vm
         console.port = VMPort(vm, console)
         console.hypervisor = None
@@ -350,15 +361,22 @@ class Daemon:
             console.port.retry_now()
 
     def _open_ring(self, vm: VMConfig) -> RingWriter | None:
+        """Create or recover *vm*'s ring; None (logged) if it cannot be used. Thread-safe."""
         path = self.ring_path(vm.name)
         try:
             # Thousands of new rings at start: the first sync round's syncfs makes
             # them durable within SYNC_INTERVAL, instead of 2 fsyncs each now.
-            ring = RingWriter.open(path, vm.ring_size,
+            return RingWriter.open(path, vm.ring_size,
                                    sync_create=len(self.config.vms) < SYNCFS_FROM)
         except (SerialmuxError, OSError) as exc:
             log.error("ring_unusable", vm=vm.name, path=str(path), error=str(exc))
             return None
+
+    def _ring_opened(self, vm: VMConfig, ring: RingWriter | None) -> RingWriter | None:
+        """Audit a ring moved aside and mark the start in *ring* (loop thread); return it."""
+        if ring is None:
+            return None
+        path = ring.path
         if ring.recovered_from is not None:
             log.warning("ring_moved_aside", vm=vm.name, path=str(path),
                         moved_to=str(ring.recovered_from), reason=ring.recovered_reason)

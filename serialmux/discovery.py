@@ -155,7 +155,9 @@ class Discovery:
         for name in sorted(self._names_present()):
             want = self.wanted(name)
             if want is not None and name not in self.daemon.consoles:
-                self._added(want)
+                self.vms[name] = want
+                self.daemon.add_console_at_start(want)
+                self._audit_added(want)
         log.info("discovery_started", dir=str(self.dir), vms=len(self.vms))
 
     def close(self) -> None:
@@ -377,7 +379,9 @@ class Discovery:
             daemon.audit.event("vm_gone", vm=name, source="discovery", result="ok")
         elif want is not None and have is None:
             if name not in daemon.consoles:
-                self._added(want)
+                self.vms[name] = want
+                await daemon.add_console(want)
+                self._audit_added(want)
         elif want is not None and have is not None:
             if want != have:
                 self.vms[name] = want
@@ -385,9 +389,7 @@ class Discovery:
             else:
                 daemon.consoles[name].port.retry_now()  # e.g. the symlink was re-pointed
 
-    def _added(self, vm: VMConfig) -> None:
-        self.vms[vm.name] = vm
-        self.daemon.add_console(vm)
+    def _audit_added(self, vm: VMConfig) -> None:
         self.daemon.audit.event("vm_discovered", vm=vm.name, source="discovery",
                                 port=str(vm.port), qmp=vm.qmp, result="ok")
 

@@ -164,7 +164,7 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
             if discovered.redact != vm.redact:
                 _new_redactor(daemon.consoles[vm.name], vm)
         else:
-            daemon.add_console(vm)
+            await daemon.add_console(vm)
     for vm in plan.updated:
         console = daemon.consoles[vm.name]
         console.vm = vm

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from serialmux.config import parse_config
 from serialmux.mfa import TotpStore
 from serialmux.reload import plan_reload
-from serialmux.ring import Record, RecordKind, RingReader
+from serialmux.ring import Record, RecordKind, RingReader, RingWriter
 from tests.integration.conftest import GRANTS
 from tests.support import (
     WAIT,
@@ -94,6 +95,44 @@ async def test_reload_adds_and_removes_vms_while_another_client_types(
     assert b"down" not in c.err
     assert not c.closed
     assert gw.daemon.consoles["web-01"].writer is not None
+    await c.close()
+
+
+async def test_a_ring_slow_to_open_stalls_no_other_console(
+        spare: list[PtyVM], gw: Gateway, users: dict[str, User], vm: PtyVM,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload adds a VM whose ring takes long to open (a slow disk): web-01's output still
+    reaches its client meanwhile, and the new console comes up once the open returns."""
+    assert gw.daemon is not None
+    c = await gw.attach(users["alice"], "web-01")
+    await c.wait_out(b"(writer)")
+    entered, release = threading.Event(), threading.Event()
+    real_open = RingWriter.open
+
+    def slow_open(cls: type[RingWriter], path: Path, *args: object, **kwargs: object
+                  ) -> RingWriter:
+        if path.name == "web-20.ring":  # a disk that takes its time (bounded: released below)
+            entered.set()
+            release.wait(WAIT * 2)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RingWriter, "open", classmethod(slow_open))
+    safety = threading.Timer(WAIT, release.set)  # a loop blocked in the open cannot release it
+    safety.start()
+    try:
+        gw.vms = {"web-01": vm.port, "web-20": spare[0].port}
+        rewrite(gw)
+        reload = asyncio.create_task(gw.daemon.reload("test"))
+        assert await asyncio.to_thread(entered.wait, WAIT)
+        vm.write(b"printed while a ring opens\r\n")
+        await c.wait_out(b"printed while a ring opens")
+        assert not release.is_set()  # it arrived while the open still waited on the disk
+        release.set()
+        assert await reload
+    finally:
+        release.set()
+        safety.cancel()
+    assert gw.daemon.consoles["web-20"].ring is not None
     await c.close()
 
 
