@@ -612,14 +612,28 @@ class VMPort:
             transport.write(bytes((IAC, BRK)))
             return None
         if self.spec.kind in (PortKind.PTY, PortKind.TTY, PortKind.QMP):
-            fd = transport.serial.fd
+            # The thread gets its own dup of the fd, and closes it: the port may close
+            # meanwhile and its number be reused by another VM's PTY, which must not
+            # get the BREAK.
             try:
-                await asyncio.to_thread(termios.tcsendbreak, fd, 0)
+                fd = os.dup(transport.serial.fd)
+            except (OSError, TypeError):  # closed (fd None) or closing
+                return "the console is down"
+            try:
+                await asyncio.to_thread(_send_break, fd)
             except termios.error as exc:
                 return f"tcsendbreak failed: {exc}"
             return None
         return ("a plain socket port cannot carry a BREAK; use a unix+telnet: port "
                 "(QEMU telnet=on) or SysRq through QMP")
+
+
+def _send_break(fd: int) -> None:
+    """tcsendbreak on *fd* (a dup of the port's, for a worker thread), then close it."""
+    try:
+        termios.tcsendbreak(fd, 0)
+    finally:
+        os.close(fd)
 
 
 async def _stop(protocol: _PortProtocol) -> None:
