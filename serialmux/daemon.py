@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import resource
 import signal
 import time
@@ -56,6 +57,7 @@ log = get_logger(__name__)
 SHUTDOWN_GRACE = 5.0
 CHECKPOINT_ROUNDS = 10  # a changing ring writes its checkpoint every 10th sync round
 PORT_TRY_TIMEOUT = 5.0
+RING_WAIT = 5.0  # the longest a reload or discovery change waits on one ring's disk
 REPLAY_BATCH = 64 * 1024
 
 
@@ -270,14 +272,8 @@ class Daemon:
         return self._add_console(vm, self._ring_opened(vm, self._open_ring(vm)))
 
     async def add_console(self, vm: VMConfig) -> Console:
-        """Add and start a console while serving (reload, discovery); its port opens later.
-
-        Its ring is opened in a worker thread: creating one preallocates and syncs
-        it, and recovering one reads it, so a slow or failing disk would otherwise
-        stall every other console meanwhile.
-        """
-        ring = await asyncio.to_thread(self._open_ring, vm)
-        console = self._add_console(vm, self._ring_opened(vm, ring))
+        """Add and start a console while serving (reload, discovery); its port opens later."""
+        console = self._add_console(vm, await self._open_ring_off_loop(vm))
         self.status_changed()
         return console
 
@@ -299,9 +295,9 @@ class Daemon:
         await self.stop_console(name)
         console.flush_redacted()  # output held back by redaction goes in before the marker
         ring, console.ring = console.ring, None
-        if ring is not None:  # its last sync, in a worker thread (see add_console)
-            await asyncio.to_thread(_close_ring, name, ring, RecordKind.NOTE,
-                                    f"console removed: {reason}")
+        if ring is not None:
+            await self._close_ring_off_loop(name, ring, RecordKind.NOTE,
+                                            f"console removed: {reason}")
         self.status_changed()
 
     async def reopen_console(self, vm: VMConfig) -> None:
@@ -312,8 +308,9 @@ class Daemon:
             console.port_down("port changed by a configuration reload")
         if console.ring is not None and console.ring.size != vm.ring_size:
             ring, console.ring = console.ring, None  # the port is stopped: nothing to log
-            await asyncio.to_thread(_close_ring, vm.name, ring)
-            console.ring = self._ring_opened(vm, await asyncio.to_thread(self._open_ring, vm))
+            console.vm = vm  # the size a ring opened late must have
+            await self._close_ring_off_loop(vm.name, ring)
+            console.ring = await self._open_ring_off_loop(vm)
         console.vm = vm
         console.port = VMPort(vm, console)
         console.hypervisor = None
@@ -371,6 +368,60 @@ class Daemon:
         except (SerialmuxError, OSError) as exc:
             log.error("ring_unusable", vm=vm.name, path=str(path), error=str(exc))
             return None
+
+    # Rings of consoles added, resized or removed while serving are opened and closed
+    # in a worker thread: creating one preallocates and syncs it, recovering one reads
+    # it, closing one syncs it. A slow or failing disk must not stall every other
+    # console, nor hold a reload or discovery change for long: each waits at most
+    # RING_WAIT, and the work finishes in the background.
+
+    async def _open_ring_off_loop(self, vm: VMConfig) -> RingWriter | None:
+        """*vm*'s ring, opened in a worker thread; None if that takes over :data:`RING_WAIT`.
+
+        A ring that opens later is adopted by its console then (the output read
+        meanwhile is not in it), or closed if the console is gone, has a ring of
+        its own by then, or the daemon is stopping.
+        """
+        opening = asyncio.get_running_loop().run_in_executor(None, self._open_ring, vm)
+        late = functools.partial(self._ring_opened_late, vm)
+        try:
+            await asyncio.wait({opening}, timeout=RING_WAIT)
+        except asyncio.CancelledError:  # shutdown: the ring, when it opens, is closed
+            opening.add_done_callback(late)
+            raise
+        if not opening.done():
+            log.error("ring_open_slow", vm=vm.name, waited=RING_WAIT,
+                      hint="the console runs without its ring until the disk answers")
+            opening.add_done_callback(late)
+            return None
+        return self._ring_opened(vm, opening.result())
+
+    def _ring_opened_late(self, vm: VMConfig, opening: asyncio.Future[RingWriter | None]
+                          ) -> None:
+        ring = None if opening.cancelled() or opening.exception() else opening.result()
+        if ring is None:
+            return
+        console = self.consoles.get(vm.name)
+        if console is not None and console.ring is None and console.vm.ring_size == ring.size \
+                and not self._stop.is_set():
+            log.info("ring_open_late", vm=vm.name)
+            console.ring = self._ring_opened(vm, ring)
+        else:
+            try:
+                asyncio.get_running_loop().run_in_executor(None, _close_ring, vm.name, ring)
+            except RuntimeError:  # the executor is shut down: the daemon is exiting
+                _close_ring(vm.name, ring)
+
+    async def _close_ring_off_loop(self, name: str, ring: RingWriter,
+                                   kind: RecordKind | None = None, text: str = "") -> None:
+        """Close *ring* (a last marker, its final sync) in a worker thread; wait at most
+        :data:`RING_WAIT` for it (it closes in the background after that)."""
+        closing = asyncio.get_running_loop().run_in_executor(
+            None, _close_ring, name, ring, kind, text)
+        await asyncio.wait({closing}, timeout=RING_WAIT)
+        if not closing.done():
+            log.error("ring_close_slow", vm=name, waited=RING_WAIT,
+                      hint="it is closed when the disk answers")
 
     def _ring_opened(self, vm: VMConfig, ring: RingWriter | None) -> RingWriter | None:
         """Audit a ring moved aside and mark the start in *ring* (loop thread); return it."""

@@ -16,6 +16,7 @@ import asyncssh
 import pyotp
 import pytest
 
+from serialmux import daemon as daemon_mod
 from serialmux.config import parse_config
 from serialmux.mfa import TotpStore
 from serialmux.reload import plan_reload
@@ -134,6 +135,45 @@ async def test_a_ring_slow_to_open_stalls_no_other_console(
         safety.cancel()
     assert gw.daemon.consoles["web-20"].ring is not None
     await c.close()
+
+
+async def test_a_ring_slower_than_ring_wait_is_adopted_when_it_opens(
+        spare: list[PtyVM], gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ring open that outlasts RING_WAIT does not hold the reload: the new console runs
+    without its ring, adopts the ring when the disk answers, and logs output from then on."""
+    assert gw.daemon is not None
+    monkeypatch.setattr(daemon_mod, "RING_WAIT", 0.05)
+    release = threading.Event()
+    real_open = RingWriter.open
+
+    def slow_open(cls: type[RingWriter], path: Path, *args: object, **kwargs: object
+                  ) -> RingWriter:
+        if path.name == "web-20.ring":
+            release.wait(WAIT)  # a disk slower than RING_WAIT (bounded)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RingWriter, "open", classmethod(slow_open))
+    try:
+        gw.vms = {"web-01": gw.vms["web-01"], "web-20": spare[0].port}
+        rewrite(gw)
+        assert await gw.daemon.reload("test")  # back although the open still waits
+        console = gw.daemon.consoles["web-20"]
+        assert console.ring is None
+        assert not release.is_set()
+    finally:
+        release.set()
+    async with asyncio.timeout(WAIT):
+        while console.ring is None:
+            await asyncio.sleep(0.01)
+    read = console.bytes_read
+    spare[0].write(b"logged after the late open\r\n")
+    async with asyncio.timeout(WAIT):
+        while console.bytes_read < read + 28:
+            await console.backlog.wait_beyond(console.backlog.end)
+    with RingReader(console.ring.path) as reader:
+        records = [r for r in reader.records() if isinstance(r, Record)]
+    assert any(r.kind is RecordKind.OUTPUT and b"logged after the late open" in r.payload
+               for r in records)
 
 
 async def test_bad_reload_keeps_the_running_config(gw: Gateway, users: dict[str, User]) -> None:
