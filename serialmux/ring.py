@@ -32,6 +32,7 @@ import json
 import os
 import re
 import stat
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -117,9 +118,10 @@ def parse_size(text: str | int) -> int:
 class RingWriter(_RingFile):
     """Appends records to one VM's ring. Single-threaded except :meth:`fdatasync`.
 
-    ``append``, ``marker``, ``checkpoint`` and ``close`` must be called from one
-    thread (the event loop's); ``fdatasync`` may run concurrently in a worker
-    thread, but not concurrently with ``close``.
+    ``append``, ``marker`` and ``checkpoint`` must be called from one thread (the
+    event loop's); ``fdatasync`` may run concurrently in a worker thread, and
+    ``close`` (from any one thread once the loop no longer appends) waits for
+    it: neither touches the other's fd, or a number reused after it.
     """
 
     def __init__(self, path: Path, fd: int) -> None:
@@ -135,6 +137,7 @@ class RingWriter(_RingFile):
         self._wrap_seq = 0  # next_seq when the last wrap wrote its own checkpoint
         self._sync_create = True  # fsync a newly created ring (and its directory) at once
         self.dev = -1  # st_dev of the file, set by open()
+        self._fd_lock = threading.Lock()  # fdatasync/syncfs against close
 
     @classmethod
     def open(cls, path: Path, size: int = DEFAULT_RING_SIZE, *,
@@ -310,18 +313,23 @@ class RingWriter(_RingFile):
             raise _os_error(self.path, exc) from exc
 
     def fdatasync(self) -> None:
-        """Flush appended records to disk. Thread-safe with respect to append()."""
-        pos = self._position()  # one tuple read: consistent under the GIL
-        try:
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            raise _os_error(self.path, exc) from exc
-        self._durable = pos
+        """Flush appended records to disk (nothing once closed). Thread-safe with respect
+        to append() and close()."""
+        with self._fd_lock:
+            if self._fd < 0:
+                return
+            pos = self._position()  # one tuple read: consistent under the GIL
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise _os_error(self.path, exc) from exc
+            self._durable = pos
 
     def _syncfs(self) -> bool:
         """``syncfs`` the filesystem holding this ring; False if that is not possible."""
         syncfs = getattr(_LIBC, "syncfs", None)
-        return syncfs is not None and syncfs(self._fd) == 0
+        with self._fd_lock:
+            return syncfs is not None and self._fd >= 0 and syncfs(self._fd) == 0
 
     def sync(self) -> None:
         """fdatasync then checkpoint, in the caller's thread (the simple, blocking form)."""
@@ -330,15 +338,16 @@ class RingWriter(_RingFile):
 
     def close(self) -> None:
         """Checkpoint the current position, fdatasync and close; idempotent."""
-        if self._fd < 0:
-            return
-        try:
-            self._write_checkpoint(self._position())
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            raise _os_error(self.path, exc) from exc
-        finally:
-            super().close()
+        with self._fd_lock:
+            if self._fd < 0:
+                return
+            try:
+                self._write_checkpoint(self._position())
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise _os_error(self.path, exc) from exc
+            finally:
+                super().close()
 
 
 

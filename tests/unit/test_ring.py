@@ -363,3 +363,22 @@ def test_checkpoint_and_fdatasync_split(ring: Path) -> None:
     w.sync()
     w.close()
     assert HEADER_SIZE == 4096
+
+
+def test_a_sync_that_meets_a_closed_ring_does_nothing(ring: Path) -> None:
+    """fdatasync (the sync thread's) after close (another thread's) neither raises nor
+    touches a reused fd number; close waits for a sync under way."""
+    writer = RingWriter.open(ring, 64 * 1024)
+    writer.append(b"kept\n")
+    closer = threading.Thread(target=writer.close)
+    with writer._fd_lock:  # a sync under way
+        closer.start()
+        closer.join(0.05)
+        assert closer.is_alive()  # close waits for it
+    closer.join(5)
+    assert not closer.is_alive()
+    reused = os.open(os.devnull, os.O_RDONLY)  # likely the ring's old number
+    try:
+        writer.fdatasync()  # nothing to do: no EBADF, no fdatasync of /dev/null
+    finally:
+        os.close(reused)
