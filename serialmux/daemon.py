@@ -89,7 +89,10 @@ class Daemon:
         self.revoked = self.watch_revocations(Revocations(config.ssh.revoked_keys))
         # Every SSH connection and exec command, re-checked on reload (serialmux.connections).
         self.connections = Connections(self)
-        self.totp = TotpStore(config.server.state_dir)
+        # state_dir as started: a reload that changes it waits for a restart (rings,
+        # disabled.json and TOTP state all stay where they are until then).
+        self.state_dir = config.server.state_dir
+        self.totp = TotpStore(self.state_dir)
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: asyncio.TaskGroup | None = None
@@ -105,7 +108,7 @@ class Daemon:
     @property
     def ring_dir(self) -> Path:
         """Where the rings live."""
-        return self.config.server.state_dir / "rings"
+        return self.state_dir / "rings"
 
     def ring_path(self, vm: str) -> Path:
         """The ring file of *vm* (a name already checked by the config)."""

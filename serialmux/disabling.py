@@ -10,17 +10,24 @@ does, until ``enable`` clears it. The configuration disables too:
 comes first (it is the one to lift before a runtime entry, kept meanwhile,
 matters again) and is never written to ``disabled.json``, which holds only
 runtime disables: ``enable`` cannot lift it, and says which key in which file
-still does.
+still does. ``[server] enabled`` is read once, at start (:meth:`Disabling.load`):
+a reload does not apply it (it needs a restart), so neither does a later
+``disable`` or ``enable``. Nor does ``enable VM`` report a VM enabled while every
+VM is still disabled, by that key or by a runtime disable of all VMs.
 
 ``Console.disabled`` is a copy of what is in force for that VM, set from here
 whenever it may change (a console added, a disable or enable, a reload); a
 disabled console refuses attaches and actions alike (:meth:`Disabling.refusal`).
 A damaged ``disabled.json`` is logged, naming it, and read as empty: it never
-stops the daemon.
+stops the daemon. One that cannot be written (a full disk, a read-only state
+dir) is logged too (``disabled_state_unsaved``), and the disable or enable stays
+in force in memory, its sessions closed and audited; the reply says it will not
+survive a restart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -51,19 +58,29 @@ class Disabling:
         # at TIME)". Kept while a VM is absent; Console.disabled is set from it and the
         # config ([vms.NAME] enabled = false) by reason().
         self.vms: dict[str, str] = {}
+        # [server] enabled as the daemon started with it: a reload does not apply it
+        # (reload.plan_reload lists it as needing a restart), so nothing here reads the
+        # live config's. Set again by load(), at start.
+        self._server_enabled = daemon.config.server.enabled
 
     @property
     def path(self) -> Path:
         """Where the runtime disables are kept (``state_dir/disabled.json``)."""
-        return self.daemon.config.server.state_dir / "disabled.json"
+        return self.daemon.state_dir / "disabled.json"
 
     def load(self) -> None:
         """Read disabled.json; a file that is not what :meth:`_save` writes is logged
         (naming it) and read as empty, so a damaged file never stops the daemon."""
         path = self.path
+        self._server_enabled = self.daemon.config.server.enabled
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
+            data = {}
+        except RecursionError:  # nested arrays or objects deeper than the parser recurses
+            log.error("disabled_state_unreadable", path=str(path),
+                      error="nested too deeply to parse",
+                      hint="read as empty; the next disable or enable rewrites it")
             data = {}
         except (OSError, ValueError) as exc:
             log.error("disabled_state_unreadable", path=str(path), error=str(exc))
@@ -85,16 +102,37 @@ class Disabling:
         self._copy_all()
 
     def _copy_all(self) -> None:
-        """Set :attr:`all_vms`: the runtime disable, else ``[server] enabled = false``'s."""
+        """Set :attr:`all_vms`: the runtime disable, else ``[server] enabled = false``'s
+        (as at start: see :attr:`_server_enabled`)."""
         self.all_vms = self._runtime_all or (
-            None if self.daemon.config.server.enabled else "disabled in the configuration")
+            None if self._server_enabled else "disabled in the configuration")
 
-    def _save(self) -> None:
+    def _save(self) -> str:
+        """Write the runtime disables to :attr:`path`, durably; never raises.
+
+        Returns ``""`` once saved, else what to add to the reply: the state in
+        memory stays in force (sessions are closed, the step audited) but will not
+        survive a restart. The failure is logged as ``disabled_state_unsaved``.
+        """
         # Only runtime disables: the configuration's are its own to lift.
         data = {"all": self._runtime_all, "vms": dict(sorted(self.vms.items()))}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.path)
+        path = self.path
+        tmp = path.with_suffix(".tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(data, indent=1))
+                f.flush()
+                os.fsync(f.fileno())  # the data is on disk before the rename points at it
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.error("disabled_state_unsaved", path=str(path), error=str(exc),
+                      hint="in force until the daemon stops; lost on restart")
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return (f"; NOT saved to {path} ({exc.strerror or exc}): "
+                    "it will not survive a restart")
+        _fsync_dir(path.parent)
+        return ""
 
     def refusal(self, console: Console) -> str | None:
         """Why attaching to *console* is refused now, or None."""
@@ -123,22 +161,24 @@ class Disabling:
         else:
             self.vms[vm] = text
             targets = self._copy(vm)
-        self._save()
+        unsaved = self._save()
         self.daemon.audit.event("disable", vm=vm or "*", user=who.user, session=who.session_id,
-                                peer=who.peer, reason=reason, result="ok")
+                                peer=who.peer, reason=reason, result="ok",
+                                saved=False if unsaved else None)
         for console in targets:
             console.mark("ACTION", f"disabled by {who.user}: {reason}", user=who.user,
                          action="disable")
             console.close_all(f"console disabled by {who.user}: {reason}")
-        return f"disabled {vm or 'all VMs'}: {reason}"
+        return f"disabled {vm or 'all VMs'}: {reason}{unsaved}"
 
     def enable(self, vm: str | None, who: Identity) -> str:
         """Enable one VM (or all) again; a VM with no console now has its entry cleared too.
 
         ``enable`` (all) lifts only the all-VMs switch: VMs disabled one by one stay so.
         A disable by the configuration (``[server] enabled = false``, ``[vms.NAME]
-        enabled = false``) is not lifted: the runtime entry is cleared all the same,
-        then :class:`SerialmuxError` says which key still disables it and how to change it.
+        enabled = false``) is not lifted, nor (by ``enable VM``) a runtime disable of
+        all VMs: the VM's runtime entry is cleared all the same, then
+        :class:`SerialmuxError` says what still disables it and how to lift that.
         """
         if vm is None:
             self._runtime_all = None
@@ -146,21 +186,41 @@ class Disabling:
         else:
             self.vms.pop(vm, None)
             self._copy(vm)
-        self._save()
-        kept = (self._config_key(vm) if vm is not None
-                else "[server] enabled" if self.all_vms else None)
+        unsaved = self._save()
+        kept = self._still_disabled(vm)
         self.daemon.audit.event(
             "enable", vm=vm or "*", user=who.user, session=who.session_id, peer=who.peer,
-            result="ok" if kept is None else "refused",
-            reason=None if kept is None else f"{kept} = false in the configuration")
-        if kept is not None:
-            where = self.daemon.config.path or "the configuration file"
-            then = ("restart serialmux" if vm is None
-                    else "run 'serialmux reload' (or systemctl reload serialmux)")
+            result="refused" if kept else "ok",
+            reason="; ".join(why for why, _ in kept) or None,
+            saved=False if unsaved else None)
+        if kept:
+            cleared = "Its runtime disable" if vm else "The runtime disable of all VMs"
             raise SerialmuxError(
-                f"{vm or 'every VM'} stays disabled: {kept} = false in {where} (a runtime "
-                f"disable, if any, was cleared); set it to true there, then {then}")
-        return f"enabled {vm or 'all VMs'}"
+                f"{vm or 'every VM'} stays disabled: " + "; and ".join(how for _, how in kept)
+                + f". {cleared}, if any, was cleared{unsaved}.")
+        return f"enabled {vm or 'all VMs'}{unsaved}"
+
+    def _still_disabled(self, vm: str | None) -> list[tuple[str, str]]:
+        """What still disables *vm* (None: every VM) once its runtime entry is cleared:
+        (the audit's reason, the error's words naming what to change and where)."""
+        where = self.daemon.config.path or "the configuration file"
+        kept: list[tuple[str, str]] = []
+        key = self._config_key(vm) if vm is not None else None
+        if key is not None:
+            kept.append((f"{key} = false in the configuration",
+                         f"{key} = false in {where}; set it to true there, then run "
+                         "'serialmux reload' (or systemctl reload serialmux)"))
+        if not self._server_enabled:
+            kept.append(("[server] enabled = false in the configuration",
+                         f"[server] enabled = false in {where}"
+                         + (" disables every VM" if vm is not None else "")
+                         + "; set it to true there, then restart serialmux"))
+        if vm is not None and self._runtime_all:
+            kept.append(("a runtime disable of all VMs is in force",
+                         "a runtime disable of all VMs is in force ("
+                         f"{clean_text(self._runtime_all, 2 * MAX_REASON)}); lift it with "
+                         "'serialmux enable' with no VM (or 'enable --all' over SSH)"))
+        return kept
 
     def _config_key(self, vm: str) -> str | None:
         """The config key that disables *vm*, ``[vms.NAME] enabled``, or None."""
@@ -210,6 +270,16 @@ class Disabling:
             return []
         console.disabled = self.reason(vm)
         return [console]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in *directory* durable; best effort (not every filesystem allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _json_kind(value: object) -> str:

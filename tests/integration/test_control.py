@@ -143,6 +143,63 @@ async def test_disable_enable_one_and_all(gw: Gateway, users: dict[str, User]) -
     await again.close()
 
 
+async def test_enable_vm_fails_while_all_vms_are_disabled_at_run_time(
+        gw: Gateway, users: dict[str, User]) -> None:
+    """enable VM under a runtime disable of all VMs clears the VM's own entry, then fails
+    (exit 1, audited refused) saying how to lift it; enable with no VM does."""
+    assert (await run_cli("disable", "web-01", "--reason", "own", *cfg(gw))).status == 0
+    assert (await run_cli("disable", "--reason", "all down", *cfg(gw))).status == 0
+    result = await run_cli("enable", "web-01", *cfg(gw))
+    assert result.status == 1
+    assert "web-01 stays disabled: a runtime disable of all VMs is in force (all down" in result.err
+    assert "'serialmux enable' with no VM" in result.err
+    await gw.wait_audit("enable", vm="web-01", result="refused",
+                        reason="a runtime disable of all VMs is in force")
+    state = json.loads((gw.tmp / "state" / "disabled.json").read_text())
+    assert state["vms"] == {}  # its own entry was cleared first
+    assert state["all"].startswith("all down")
+    refused = await gw.attach(users["alice"], "web-01")
+    assert await refused.wait_closed() == 1
+    assert b"disabled for all VMs: all down" in refused.err
+    assert (await run_cli("enable", *cfg(gw))).status == 0
+    ok = await gw.attach(users["alice"], "web-01")
+    await ok.wait_out(b"(writer)")
+    await ok.close()
+
+
+async def test_disable_and_enable_that_cannot_be_saved_stay_in_force_and_say_so(
+        gw: Gateway, users: dict[str, User]) -> None:
+    """When disabled.json cannot be written, disable still closes the sessions and is audited,
+    enable still reopens; each reply says it was not saved, and the error is logged naming
+    the file."""
+    state = gw.tmp / "state"
+    (state / "disabled.tmp").mkdir()  # the temporary file cannot be written: a directory
+    c = await gw.attach(users["alice"], "web-01")
+    await c.wait_out(b"(writer)")
+    with capture_logs() as logs:
+        result = await run_cli("disable", "web-01", "--reason", "disk full", *cfg(gw))
+        assert result.status == 0, result.err
+        assert result.out.startswith("disabled web-01: disk full; NOT saved to "
+                                     f"{state / 'disabled.json'} (")
+        assert result.out.rstrip().endswith("it will not survive a restart")
+        await c.wait_out(b"console disabled by root: disk full")
+        assert await c.wait_closed() == 1
+        await gw.wait_audit("disable", vm="web-01", result="ok", saved=False)
+        refused = await gw.attach(users["alice"], "web-01")
+        assert await refused.wait_closed() == 1
+        assert b"console web-01 is disabled: disk full" in refused.err
+        again = await run_cli("enable", "web-01", *cfg(gw))
+        assert again.status == 0, again.err
+        assert again.out.startswith("enabled web-01; NOT saved to ")
+        await gw.wait_audit("enable", vm="web-01", result="ok", saved=False)
+    unsaved = [e for e in logs if e["event"] == "disabled_state_unsaved"]
+    assert [e["path"] for e in unsaved] == [str(state / "disabled.json")] * 2
+    assert not (state / "disabled.json").exists()
+    ok = await gw.attach(users["alice"], "web-01")
+    await ok.wait_out(b"(writer)")
+    await ok.close()
+
+
 async def test_enable_clears_the_entry_of_a_vm_with_no_console(gw: Gateway) -> None:
     """serialmux enable clears the disabled entry of a VM a reload removed; a name that is
     neither a console nor an entry is refused saying so, a malformed one before any use."""

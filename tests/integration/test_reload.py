@@ -176,6 +176,23 @@ async def test_a_ring_slower_than_ring_wait_is_adopted_when_it_opens(
                for r in records)
 
 
+async def test_a_reload_that_moves_state_dir_leaves_the_state_where_it_was(
+        spare: list[PtyVM], gw: Gateway, users: dict[str, User]) -> None:
+    """state_dir takes a restart: after a reload that changes it, a new VM's ring and a
+    disable still go under the old one, where the running daemon keeps its state."""
+    assert gw.daemon is not None
+    gw.vms = {**gw.vms, "web-20": spare[0].port}
+    old, new = gw.tmp / "state", gw.tmp / "state-moved"
+    gw.config_path.write_text(gw.toml().replace(f'state_dir = "{old}"', f'state_dir = "{new}"'))
+    assert await gw.daemon.reload("test")
+    assert gw.daemon.config.server.state_dir == new
+    alice = await gw.connect(users["alice"], "web-20")
+    assert (await alice.run('disable --reason "moved"')).exit_status == 0
+    assert (old / "rings" / "web-20.ring").exists()
+    assert "web-20" in json.loads((old / "disabled.json").read_text())["vms"]
+    assert not new.exists()
+
+
 async def test_bad_reload_keeps_the_running_config(gw: Gateway, users: dict[str, User]) -> None:
     """A config with errors is rejected (exit 1 from the CLI) and the old one stays in force."""
     assert gw.daemon is not None

@@ -578,6 +578,73 @@ async def test_server_enabled_false_is_not_written_to_disabled_json(
         assert "restart serialmux" in result.err
 
 
+async def test_enable_vm_fails_while_server_enabled_is_false(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """[server] enabled = false: enable VM clears the VM's runtime entry, then fails (exit 1,
+    audited refused) naming the file and key and that a restart is needed; attaches stay
+    refused."""
+    async with started(tmp_path, vm, users, extra="enabled = false") as gw:
+        assert (await run_cli("disable", "web-01", *cfg(gw))).status == 0
+        result = await run_cli("enable", "web-01", *cfg(gw))
+        assert result.status == 1
+        assert (f"web-01 stays disabled: [server] enabled = false in {gw.config_path} "
+                "disables every VM; set it to true there, then restart serialmux") in result.err
+        await gw.wait_audit("enable", vm="web-01", result="refused",
+                            reason="[server] enabled = false in the configuration")
+        state = json.loads((tmp_path / "state" / "disabled.json").read_text())
+        assert state == {"all": None, "vms": {}}
+        c = await gw.attach(users["alice"], "web-01")
+        assert await c.wait_closed() == 1
+        assert b"disabled for all VMs: disabled in the configuration" in c.err
+
+
+async def test_server_enabled_changed_by_a_reload_waits_for_a_restart(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A reload that flips [server] enabled does not apply it, not even at the next disable
+    and enable of all VMs: the value the daemon started with holds until a restart."""
+    async with started(tmp_path, vm, users) as gw:
+        assert gw.daemon is not None
+        gw.extra = "enabled = false"
+        gw.config_path.write_text(gw.toml())
+        assert await gw.daemon.reload("test")
+        assert (await run_cli("disable", *cfg(gw))).status == 0
+        result = await run_cli("enable", *cfg(gw))
+        assert result.status == 0, result.err
+        assert gw.daemon.disabling.all_vms is None
+        ok = await gw.attach(users["alice"], "web-01")
+        await ok.wait_out(b"(writer)")
+        await ok.close()
+    async with started(tmp_path, vm, users, extra="enabled = false") as gw:
+        assert gw.daemon is not None
+        gw.extra = ""
+        gw.config_path.write_text(gw.toml())
+        assert await gw.daemon.reload("test")
+        result = await run_cli("enable", *cfg(gw))
+        assert result.status == 1
+        assert "every VM stays disabled: [server] enabled = false in" in result.err
+        assert "restart serialmux" in result.err
+        refused = await gw.attach(users["alice"], "web-01")
+        assert await refused.wait_closed() == 1
+        assert b"disabled for all VMs: disabled in the configuration" in refused.err
+
+
+async def test_disabled_json_nested_too_deeply_is_logged_and_read_as_empty(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A disabled.json nested deeper than the JSON parser recurses is logged naming the file
+    and read as empty: the daemon starts and serves."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "disabled.json").write_text("[" * 200_000)
+    with capture_logs() as logs:
+        async with started(tmp_path, vm, users) as gw:
+            c = await gw.attach(users["alice"], "web-01")
+            await c.wait_out(b"(writer)")
+            await c.close()
+    unreadable = [e for e in logs if e["event"] == "disabled_state_unreadable"]
+    assert [(e["path"], e["error"]) for e in unreadable] == [
+        (str(state / "disabled.json"), "nested too deeply to parse")]
+
+
 @pytest.mark.parametrize("contents", ['["web-01"]', '"everything"', '{"all": 5, "vms": []}'])
 async def test_disabled_json_of_the_wrong_shape_is_logged_and_ignored(
         contents: str, tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
