@@ -5,13 +5,15 @@ values and says which consoles to add, remove, reopen or update, and which
 settings only a restart can change. :func:`reload_daemon` runs on SIGHUP
 (``systemctl reload``) and on ``serialmux reload``: a config with errors is
 rejected with every error logged and the running one stays; otherwise the user
-CAs and revocation list are rebuilt from it, the plan is applied (a changed
-``redact`` gets a new redactor), every open SSH connection's key or
-certificate is checked again (:mod:`serialmux.connections`: those no longer
-accepted are disconnected), then every remaining session and exec command
-against the new grants. A ``[vms.NAME] enabled`` that turns false closes that
-console's sessions (:meth:`~serialmux.disabling.Disabling.apply_config`), and a
-changed ``[server] redact`` applies to discovered consoles too.
+CAs and revocation list are rebuilt from it. Access goes first: every open SSH
+connection's key or certificate is checked again (:mod:`serialmux.connections`:
+those no longer accepted are disconnected), then every remaining session and
+exec command against the new grants, and a ``[vms.NAME] enabled`` that turns
+false closes that console's sessions
+(:meth:`~serialmux.disabling.Disabling.apply_config`). Then the plan is applied
+(a changed ``redact`` gets a new redactor; a changed ``[server] redact``
+applies to discovered consoles too): its steps wait on ports and disks, each
+bounded, and access never waits for them.
 
 What reload leaves alone: a console whose ``[vms.NAME]`` did not change keeps
 its port, ring and sessions untouched (not a byte is lost or repeated). A
@@ -144,6 +146,23 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
         daemon.revoked = daemon.watch_revocations(Revocations(new.ssh.revoked_keys))
     else:
         daemon.revoked.refresh()
+    # Who may no longer be here, and consoles the new config disables, first: the steps
+    # below wait on ports and disks (each bounded), and access must not wait for them.
+    # Connections first (a whole login no longer accepted), then single sessions and commands.
+    cut = daemon.connections.recheck("configuration reloaded")
+    kicked = len(cut)
+    for session in list(daemon.sessions):
+        if session.identity.session_id in cut:
+            continue  # told with its connection
+        reason = access_lost(new, session.identity, session.console.name, session.att.writer)
+        if reason is not None:
+            kicked += 1
+            daemon.audit.event("reload_disconnect", vm=session.console.name,
+                               user=session.identity.user, session=session.identity.session_id,
+                               peer=session.identity.peer, reason=reason, result="ok")
+            session.att.on_closed(f"disconnected: {reason} (configuration reloaded)")
+    kicked += daemon.connections.recheck_grants(new, "configuration reloaded")
+    daemon.disabling.apply_config(old, [vm.name for vm in plan.reopened + plan.updated], who)
     for name in plan.removed:
         if name not in daemon.consoles:
             continue
@@ -176,24 +195,8 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
     if daemon.discovery is not None and old.server.redact != new.server.redact:
         for vm in daemon.discovery.server_redact_changed():
             _new_redactor(daemon.consoles[vm.name], vm)
-    # [vms.NAME] enabled: a console it now disables has its sessions closed, as a disable does.
-    daemon.disabling.apply_config(
-        old, [vm.name for vm in plan.added + plan.reopened + plan.updated] + plan.removed,
-        who)
-    # Connections first (a whole login no longer accepted), then single sessions and commands.
-    cut = daemon.connections.recheck("configuration reloaded")
-    kicked = len(cut)
-    for session in list(daemon.sessions):
-        if session.identity.session_id in cut:
-            continue  # told with its connection
-        reason = access_lost(new, session.identity, session.console.name, session.att.writer)
-        if reason is not None:
-            kicked += 1
-            daemon.audit.event("reload_disconnect", vm=session.console.name,
-                               user=session.identity.user, session=session.identity.session_id,
-                               peer=session.identity.peer, reason=reason, result="ok")
-            session.att.on_closed(f"disconnected: {reason} (configuration reloaded)")
-    kicked += daemon.connections.recheck_grants(new, "configuration reloaded")
+    # [vms.NAME] enabled on the consoles added or handed back to discovery meanwhile.
+    daemon.disabling.apply_config(old, [vm.name for vm in plan.added] + plan.removed, who)
     for setting in plan.restart_needed:
         log.warning("reload_needs_restart", setting=setting,
                     hint="this setting takes effect when serialmux restarts")

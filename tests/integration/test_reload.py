@@ -193,6 +193,38 @@ async def test_a_reload_that_moves_state_dir_leaves_the_state_where_it_was(
     assert not new.exists()
 
 
+async def test_a_reload_cuts_lost_access_before_it_waits_on_a_disk(
+        spare: list[PtyVM], gw: Gateway, users: dict[str, User], vm: PtyVM,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload that removes bob's grant and adds a VM whose ring is slow to open closes
+    bob's session at once, not after the disk answers."""
+    assert gw.daemon is not None
+    bob = await gw.attach(users["bob"], "web-01")
+    await bob.wait_out(b"(writer)")
+    release = threading.Event()
+    real_open = RingWriter.open
+
+    def slow_open(cls: type[RingWriter], path: Path, *args: object, **kwargs: object
+                  ) -> RingWriter:
+        if path.name == "web-20.ring":
+            release.wait(WAIT)  # a slow disk (bounded)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RingWriter, "open", classmethod(slow_open))
+    try:
+        gw.grants = [g for g in gw.grants if g[0] != ["bob"]]
+        gw.vms = {"web-01": vm.port, "web-20": spare[0].port}
+        rewrite(gw)
+        reload = asyncio.create_task(gw.daemon.reload("test"))
+        await bob.wait_out(b"your grant on web-01 was removed (configuration reloaded)")
+        assert not reload.done()  # still waiting on web-20's disk (up to RING_WAIT)
+        release.set()
+        assert await reload
+    finally:
+        release.set()
+    assert await bob.wait_closed() == 1
+
+
 async def test_bad_reload_keeps_the_running_config(gw: Gateway, users: dict[str, User]) -> None:
     """A config with errors is rejected (exit 1 from the CLI) and the old one stays in force."""
     assert gw.daemon is not None
