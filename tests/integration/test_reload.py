@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import asyncssh
@@ -43,6 +43,33 @@ async def spare() -> AsyncIterator[list[PtyVM]]:
     yield vms
     for v in vms:
         v.close()
+
+
+@dataclasses.dataclass
+class SlowDisk:
+    """Opening web-20's ring waits, in whichever thread opens it, until released (at most
+    WAIT * 2): a slow disk, the one part here a real one cannot play on cue."""
+
+    entered: threading.Event = dataclasses.field(default_factory=threading.Event)
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@pytest.fixture
+def slow_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[SlowDisk]:
+    """A SlowDisk under RingWriter.open (ask for it after gw: released before the daemon stops)."""
+    disk = SlowDisk()
+    real_open = RingWriter.open
+
+    def slow_open(cls: type[RingWriter], path: Path, *args: object, **kwargs: object
+                  ) -> RingWriter:
+        if path.name == "web-20.ring":
+            disk.entered.set()
+            disk.release.wait(WAIT * 2)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RingWriter, "open", classmethod(slow_open))
+    yield disk
+    disk.release.set()
 
 
 def rewrite(gw: Gateway) -> None:
@@ -101,67 +128,44 @@ async def test_reload_adds_and_removes_vms_while_another_client_types(
 
 async def test_a_ring_slow_to_open_stalls_no_other_console(
         spare: list[PtyVM], gw: Gateway, users: dict[str, User], vm: PtyVM,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        slow_disk: SlowDisk) -> None:
     """A reload adds a VM whose ring takes long to open (a slow disk): web-01's output still
     reaches its client meanwhile, and the new console comes up once the open returns."""
     assert gw.daemon is not None
     c = await gw.attach(users["alice"], "web-01")
     await c.wait_out(b"(writer)")
-    entered, release = threading.Event(), threading.Event()
-    real_open = RingWriter.open
-
-    def slow_open(cls: type[RingWriter], path: Path, *args: object, **kwargs: object
-                  ) -> RingWriter:
-        if path.name == "web-20.ring":  # a disk that takes its time (bounded: released below)
-            entered.set()
-            release.wait(WAIT * 2)
-        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(RingWriter, "open", classmethod(slow_open))
-    safety = threading.Timer(WAIT, release.set)  # a loop blocked in the open cannot release it
+    safety = threading.Timer(WAIT, slow_disk.release.set)  # a blocked loop could not release it
     safety.start()
     try:
         gw.vms = {"web-01": vm.port, "web-20": spare[0].port}
         rewrite(gw)
         reload = asyncio.create_task(gw.daemon.reload("test"))
-        assert await asyncio.to_thread(entered.wait, WAIT)
+        assert await asyncio.to_thread(slow_disk.entered.wait, WAIT)
         vm.write(b"printed while a ring opens\r\n")
         await c.wait_out(b"printed while a ring opens")
-        assert not release.is_set()  # it arrived while the open still waited on the disk
-        release.set()
+        assert not slow_disk.release.is_set()  # it arrived while the open still waited
+        slow_disk.release.set()
         assert await reload
     finally:
-        release.set()
         safety.cancel()
     assert gw.daemon.consoles["web-20"].ring is not None
     await c.close()
 
 
 async def test_a_ring_slower_than_ring_wait_is_adopted_when_it_opens(
-        spare: list[PtyVM], gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+        spare: list[PtyVM], gw: Gateway, monkeypatch: pytest.MonkeyPatch,
+        slow_disk: SlowDisk) -> None:
     """A ring open that outlasts RING_WAIT does not hold the reload: the new console runs
     without its ring, adopts the ring when the disk answers, and logs output from then on."""
     assert gw.daemon is not None
     monkeypatch.setattr(daemon_mod, "RING_WAIT", 0.05)
-    release = threading.Event()
-    real_open = RingWriter.open
-
-    def slow_open(cls: type[RingWriter], path: Path, *args: object, **kwargs: object
-                  ) -> RingWriter:
-        if path.name == "web-20.ring":
-            release.wait(WAIT)  # a disk slower than RING_WAIT (bounded)
-        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(RingWriter, "open", classmethod(slow_open))
-    try:
-        gw.vms = {"web-01": gw.vms["web-01"], "web-20": spare[0].port}
-        rewrite(gw)
-        assert await gw.daemon.reload("test")  # back although the open still waits
-        console = gw.daemon.consoles["web-20"]
-        assert console.ring is None
-        assert not release.is_set()
-    finally:
-        release.set()
+    gw.vms = {"web-01": gw.vms["web-01"], "web-20": spare[0].port}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")  # back although the open still waits
+    console = gw.daemon.consoles["web-20"]
+    assert console.ring is None
+    assert not slow_disk.release.is_set()
+    slow_disk.release.set()
     async with asyncio.timeout(WAIT):
         while console.ring is None:
             await asyncio.sleep(0.01)
@@ -195,33 +199,20 @@ async def test_a_reload_that_moves_state_dir_leaves_the_state_where_it_was(
 
 async def test_a_reload_cuts_lost_access_before_it_waits_on_a_disk(
         spare: list[PtyVM], gw: Gateway, users: dict[str, User], vm: PtyVM,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        slow_disk: SlowDisk) -> None:
     """A reload that removes bob's grant and adds a VM whose ring is slow to open closes
     bob's session at once, not after the disk answers."""
     assert gw.daemon is not None
     bob = await gw.attach(users["bob"], "web-01")
     await bob.wait_out(b"(writer)")
-    release = threading.Event()
-    real_open = RingWriter.open
-
-    def slow_open(cls: type[RingWriter], path: Path, *args: object, **kwargs: object
-                  ) -> RingWriter:
-        if path.name == "web-20.ring":
-            release.wait(WAIT)  # a slow disk (bounded)
-        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(RingWriter, "open", classmethod(slow_open))
-    try:
-        gw.grants = [g for g in gw.grants if g[0] != ["bob"]]
-        gw.vms = {"web-01": vm.port, "web-20": spare[0].port}
-        rewrite(gw)
-        reload = asyncio.create_task(gw.daemon.reload("test"))
-        await bob.wait_out(b"your grant on web-01 was removed (configuration reloaded)")
-        assert not reload.done()  # still waiting on web-20's disk (up to RING_WAIT)
-        release.set()
-        assert await reload
-    finally:
-        release.set()
+    gw.grants = [g for g in gw.grants if g[0] != ["bob"]]
+    gw.vms = {"web-01": vm.port, "web-20": spare[0].port}
+    rewrite(gw)
+    reload = asyncio.create_task(gw.daemon.reload("test"))
+    await bob.wait_out(b"your grant on web-01 was removed (configuration reloaded)")
+    assert not reload.done()  # still waiting on web-20's disk (up to RING_WAIT)
+    slow_disk.release.set()
+    assert await reload
     assert await bob.wait_closed() == 1
 
 
