@@ -149,7 +149,7 @@ class Daemon:
         """Run until :meth:`stop` (or SIGTERM/SIGINT); start-up errors raise."""
         _raise_fd_limit(len(self.config.vms))
         server = self.config.server
-        for d in (server.state_dir, self.ring_dir, server.runtime_dir):
+        for d in (self.state_dir, self.ring_dir, server.runtime_dir):
             d.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.disabling.load()
         self._install_signals()
