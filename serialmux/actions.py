@@ -5,14 +5,16 @@ action, result, QMP error class) and marked in the ring, so the guest's
 answer can be read in context later (``NMI sent by alice``).
 
 What carries each action depends on the port (see docs/hypervisor.md):
-BREAK goes to the port (``tcsendbreak`` on a PTY/tty, ``IAC BRK`` on a telnet
-socket); SysRq uses ``IAC BRK`` + key on a telnet socket, else QMP
-``send-key`` alt+sysrq+KEY, which works whatever the port; NMI and reset
-need QMP.
+BREAK goes to the port (``IAC BRK`` on a telnet socket, ``tcsendbreak`` on a
+tty), except on a QEMU PTY, which cannot carry one: there QMP
+``chardev-send-break`` puts it on the guest's UART. SysRq uses ``IAC BRK`` +
+key on a telnet socket, else QMP ``send-key`` alt+sysrq+KEY, which works
+whatever the port; NMI and reset need QMP.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,7 @@ from .escape import Action as Key
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .qmp import Hypervisor
 
 SYSRQ_KEYS = re.compile(r"[0-9a-z]")
 
@@ -94,16 +97,20 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
     name = console.name
     hv = console.hypervisor
     if action is Action.BREAK:
+        if hv is not None and console.port.spec.kind in (PortKind.PTY, PortKind.QMP):
+            # A QEMU VM on a PTY: tcsendbreak() succeeds but a PTY has no BREAK to carry.
+            # QEMU can put one on the UART behind the chardev, if QMP names it.
+            chardev = await _chardev(console, hv)
+            if chardev is not None:
+                await hv.send_break(chardev)
+                return f"BREAK sent to {name} (QMP chardev-send-break {chardev})"
         problem = await console.port.send_break()
         if problem:
             raise SerialmuxError(f"{name}: BREAK not sent: {problem}")
         if hv is not None and console.port.spec.kind in (PortKind.PTY, PortKind.QMP):
-            # A QEMU VM (it has QMP) on a PTY: tcsendbreak() succeeds but QEMU's PTY chardev
-            # drops the BREAK. Say so rather than promise a SysRq; another program behind a
-            # PTY, or a real tty, may honour it.
             return (
-                f"BREAK sent to {name} (tcsendbreak; a QEMU -serial pty drops it: "
-                "for Magic SysRq use ^] s KEY or 'sysrq KEY')"
+                f"BREAK sent to {name} (tcsendbreak; QEMU names no chardev on this PTY, and "
+                "a QEMU -serial pty drops it: for Magic SysRq use ^] s KEY or 'sysrq KEY')"
             )
         return f"BREAK sent to {name}"
     if action is Action.SYSRQ:
@@ -129,3 +136,14 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
         await hv.reset()
         return f"{name} reset"
     raise SerialmuxError(f"{action.name.lower()} is not an action")
+
+
+async def _chardev(console: Console, hv: Hypervisor) -> str | None:
+    """The QEMU chardev behind *console*'s PTY: a ``qmp:`` port's label, else the one
+    QMP reports on the PTY the port opened; None if QEMU names none (or it is down)."""
+    spec = console.port.spec
+    if spec.kind is PortKind.QMP:
+        return spec.path
+    if not console.up:
+        return None
+    return await hv.chardev_of_pty(os.path.realpath(spec.path))

@@ -324,23 +324,19 @@ class Hypervisor:
             raise self._malformed("query-status", reply, 'an object with a "status" string')
         return status
 
+    async def send_break(self, chardev: str) -> None:
+        """A serial BREAK on chardev *chardev* (``chardev-send-break``): the guest's UART
+        sees a break condition, as from a real line; a key typed next is a Magic SysRq."""
+        await self.execute("chardev-send-break", {"id": chardev})
+
     async def chardev_pty(self, label: str) -> str | None:
         """The ``/dev/pts/N`` behind chardev ``label`` (e.g. ``serial0``); None if not a PTY.
 
         Raises HypervisorError (as :meth:`execute` does) when the reply is not a list of
         objects each with a ``label`` and a ``filename`` string.
         """
-        reply = await self.execute("query-chardev")
-        expected = 'a list of objects with "label" and "filename" strings'
-        if not isinstance(reply, list):
-            raise self._malformed("query-chardev", reply, expected)
-        for chardev in reply:
-            if not (isinstance(chardev, dict) and isinstance(chardev.get("label"), str)
-                    and isinstance(chardev.get("filename"), str)):
-                raise self._malformed("query-chardev", chardev, expected)
-        for chardev in reply:
-            if chardev["label"] == label:
-                filename: str = chardev["filename"]
+        for chardev, filename in await self._chardevs():
+            if chardev == label:
                 if not filename.startswith("pty:"):
                     return None
                 path = filename[4:]
@@ -350,6 +346,25 @@ class Hypervisor:
                     return None
                 return path
         return None
+
+    async def chardev_of_pty(self, path: str) -> str | None:
+        """The label of the chardev whose PTY is *path* (``/dev/pts/N``), or None."""
+        for label, filename in await self._chardevs():
+            if filename == f"pty:{path}":
+                return label
+        return None
+
+    async def _chardevs(self) -> list[tuple[str, str]]:
+        """``query-chardev`` as (label, filename) pairs, its shape checked."""
+        reply = await self.execute("query-chardev")
+        expected = 'a list of objects with "label" and "filename" strings'
+        if not isinstance(reply, list):
+            raise self._malformed("query-chardev", reply, expected)
+        for chardev in reply:
+            if not (isinstance(chardev, dict) and isinstance(chardev.get("label"), str)
+                    and isinstance(chardev.get("filename"), str)):
+                raise self._malformed("query-chardev", chardev, expected)
+        return [(chardev["label"], chardev["filename"]) for chardev in reply]
 
 
 def _quote(reply: object) -> str:

@@ -197,3 +197,22 @@ async def test_qmp_port_survives_a_chardev_query_that_never_returns(
         c = await g.attach(users["alice"], "web-01")
         await c.wait_out(b"web-01 is not running")
         await c.close()
+
+
+async def test_break_on_a_qemu_pty_goes_through_qmp_to_the_chardev_on_it(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A pty: port with qmp: `break` asks QMP which chardev holds that PTY and sends it a
+    chardev-send-break (a PTY cannot carry a BREAK itself)."""
+    vm.start()
+    async with serving(FakeQMP(tmp_path / "qmp.sock")) as fake:
+        fake.pty = f"pty:{vm.port.removeprefix('pty:')}"
+        async with gateway(tmp_path, vms={"web-01": vm.port}, users=users, grants=GRANTS,
+                           vm_extra={"web-01": f'qmp = "unix:{fake.path}"'}) as g:
+            hv = g.console("web-01").hypervisor
+            assert hv is not None
+            assert await hv.wait_connected(10)
+            bob = await g.connect(users["bob"], "web-01")
+            result = await bob.run("break", encoding=None)
+            assert result.exit_status == 0, result.stderr
+            assert b"BREAK sent to web-01 (QMP chardev-send-break serial0)" in result.stdout
+            assert ("chardev-send-break", {"id": "serial0"}) in fake.commands

@@ -269,7 +269,8 @@ async def test_error_reply_carries_qmp_class(tmp_path: Path) -> None:
 
 
 async def test_good_server_results_and_commands(tmp_path: Path) -> None:
-    """status(), chardev_pty(), nmi(), reset() and sysrq() send the right QMP and parse replies."""
+    """status(), chardev_pty(), chardev_of_pty(), nmi(), reset(), sysrq() and send_break()
+    send the right QMP and parse replies."""
     async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
         hv = hypervisor(fake.path)
         async with running(hv):
@@ -278,14 +279,18 @@ async def test_good_server_results_and_commands(tmp_path: Path) -> None:
             assert await hv.chardev_pty("serial0") == "/dev/pts/7"
             assert await hv.chardev_pty("qmp") is None
             assert await hv.chardev_pty("nonesuch") is None
+            assert await hv.chardev_of_pty("/dev/pts/7") == "serial0"
+            assert await hv.chardev_of_pty("/dev/pts/8") is None
             await hv.nmi()
             await hv.reset()
             await hv.sysrq("h")
+            await hv.send_break("serial0")
             keys = [{"type": "qcode", "data": k} for k in ("alt", "sysrq", "h")]
-            assert fake.commands[-3:] == [
+            assert fake.commands[-4:] == [
                 ("inject-nmi", None),
                 ("system_reset", None),
                 ("send-key", {"keys": keys}),
+                ("chardev-send-break", {"id": "serial0"}),
             ]
 
 
