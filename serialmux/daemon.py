@@ -5,19 +5,19 @@ CLI does through :func:`run`. Start-up: state directory → rings → consoles
 (each port tried once) → SSH listeners bound → ``READY=1``. Shutdown order
 (uvicorn's): stop accepting → tell clients → bounded wait for sessions →
 cancel with a reason → close ports → mark and sync the rings. What is disabled,
-and why, is kept by :class:`~serialmux.disabling.Disabling` (``Daemon.disabling``).
+and why, is kept by :class:`~serialmux.disabling.Disabling` (``Daemon.disabling``);
+the rings are opened, synced and closed by :class:`~serialmux.rings.Rings`
+(``Daemon.rings``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -29,19 +29,12 @@ from .config import Config, VMConfig
 from .connections import Connections
 from .console import Console
 from .disabling import Disabling
-from .errors import RingError, SerialmuxError
+from .errors import SerialmuxError
 from .log import Audit, get_logger
 from .mfa import TotpStore
 from .port import VMPort
-from .ring import (
-    SYNC_INTERVAL,
-    SYNCFS_FROM,
-    RecordKind,
-    RingReader,
-    RingWriter,
-    Skipped,
-    fdatasync_all,
-)
+from .ring import RecordKind, RingReader, RingWriter, Skipped
+from .rings import Rings
 from .sdnotify import Notifier
 from .sshd import start_listeners
 
@@ -55,9 +48,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 SHUTDOWN_GRACE = 5.0
-CHECKPOINT_ROUNDS = 10  # a changing ring writes its checkpoint every 10th sync round
 PORT_TRY_TIMEOUT = 5.0
-RING_WAIT = 5.0  # the longest a reload or discovery change waits on one ring's disk
 REPLAY_BATCH = 64 * 1024
 
 
@@ -93,6 +84,8 @@ class Daemon:
         # disabled.json and TOTP state all stay where they are until then).
         self.state_dir = config.server.state_dir
         self.totp = TotpStore(self.state_dir)
+        # Each console's ring opened, synced and closed (serialmux.rings), under state_dir.
+        self.rings = Rings(self)
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: asyncio.TaskGroup | None = None
@@ -104,15 +97,6 @@ class Daemon:
         self._last_status = ""
 
     # -- public ------------------------------------------------------------------
-
-    @property
-    def ring_dir(self) -> Path:
-        """Where the rings live."""
-        return self.state_dir / "rings"
-
-    def ring_path(self, vm: str) -> Path:
-        """The ring file of *vm* (a name already checked by the config)."""
-        return self.ring_dir / f"{vm}.ring"
 
     async def wait_ready(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Return once every listener is bound and every port tried."""
@@ -149,7 +133,7 @@ class Daemon:
         """Run until :meth:`stop` (or SIGTERM/SIGINT); start-up errors raise."""
         _raise_fd_limit(len(self.config.vms))
         server = self.config.server
-        for d in (self.state_dir, self.ring_dir, server.runtime_dir):
+        for d in (self.state_dir, self.rings.dir, server.runtime_dir):
             d.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.disabling.load()
         self._install_signals()
@@ -173,7 +157,7 @@ class Daemon:
                 self.control = ControlServer(self)
                 self.control.bind()
                 tg.create_task(self.control.serve())
-                tg.create_task(self._sync_rings())
+                tg.create_task(self.rings.sync_loop())
                 tg.create_task(self.notifier.watchdog_loop())
                 self._ready.set()
                 summary = self._last_status = self.summary()
@@ -194,7 +178,7 @@ class Daemon:
             if self.discovery is not None:
                 self.discovery.close()
             self._remove_signals()
-            self._close_rings()
+            self.rings.close_all()
             self.audit.event("daemon_stop", result="ok")
             if self._owns_audit:
                 self.audit.close()
@@ -272,11 +256,11 @@ class Daemon:
 
     def add_console_at_start(self, vm: VMConfig) -> Console:
         """Add and start a console before serving (the configuration's, discovery's first scan)."""
-        return self._add_console(vm, self._ring_opened(vm, self._open_ring(vm)))
+        return self._add_console(vm, self.rings.open_at_start(vm))
 
     async def add_console(self, vm: VMConfig) -> Console:
         """Add and start a console while serving (reload, discovery); its port opens later."""
-        console = self._add_console(vm, await self._open_ring_off_loop(vm))
+        console = self._add_console(vm, await self.rings.open(vm))
         self.status_changed()
         return console
 
@@ -299,8 +283,7 @@ class Daemon:
         console.flush_redacted()  # output held back by redaction goes in before the marker
         ring, console.ring = console.ring, None
         if ring is not None:
-            await self._close_ring_off_loop(name, ring, RecordKind.NOTE,
-                                            f"console removed: {reason}")
+            await self.rings.close(name, ring, RecordKind.NOTE, f"console removed: {reason}")
         self.status_changed()
 
     async def reopen_console(self, vm: VMConfig) -> None:
@@ -312,8 +295,8 @@ class Daemon:
         if console.ring is not None and console.ring.size != vm.ring_size:
             ring, console.ring = console.ring, None  # the port is stopped: nothing to log
             console.vm = vm  # the size a ring opened late must have
-            await self._close_ring_off_loop(vm.name, ring)
-            console.ring = await self._open_ring_off_loop(vm)
+            await self.rings.close(vm.name, ring)
+            console.ring = await self.rings.open(vm)
         console.vm = vm
         console.port = VMPort(vm, console)
         console.hypervisor = None
@@ -359,142 +342,6 @@ class Daemon:
         console.notice(text)
         if name in ("RESET", "RESUME"):
             console.port.retry_now()
-
-    def _open_ring(self, vm: VMConfig) -> RingWriter | None:
-        """Create or recover *vm*'s ring; None (logged) if it cannot be used. Thread-safe."""
-        path = self.ring_path(vm.name)
-        try:
-            # Thousands of new rings at start: the first sync round's syncfs makes
-            # them durable within SYNC_INTERVAL, instead of 2 fsyncs each now.
-            return RingWriter.open(path, vm.ring_size,
-                                   sync_create=len(self.config.vms) < SYNCFS_FROM)
-        except (SerialmuxError, OSError) as exc:
-            log.error("ring_unusable", vm=vm.name, path=str(path), error=str(exc))
-            return None
-
-    # Rings of consoles added, resized or removed while serving are opened and closed
-    # in a worker thread: creating one preallocates and syncs it, recovering one reads
-    # it, closing one syncs it. A slow or failing disk must not stall every other
-    # console, nor hold a reload or discovery change for long: each waits at most
-    # RING_WAIT, and the work finishes in the background.
-
-    async def _open_ring_off_loop(self, vm: VMConfig) -> RingWriter | None:
-        """*vm*'s ring, opened in a worker thread; None if that takes over :data:`RING_WAIT`.
-
-        A ring that opens later is adopted by its console then (the output read
-        meanwhile is not in it), or closed if the console is gone, has a ring of
-        its own by then, or the daemon is stopping.
-        """
-        opening = asyncio.get_running_loop().run_in_executor(None, self._open_ring, vm)
-        late = functools.partial(self._ring_opened_late, vm)
-        try:
-            await asyncio.wait({opening}, timeout=RING_WAIT)
-        except asyncio.CancelledError:  # shutdown: the ring, when it opens, is closed
-            opening.add_done_callback(late)
-            raise
-        if not opening.done():
-            log.error("ring_open_slow", vm=vm.name, waited=RING_WAIT,
-                      hint="the console runs without its ring until the disk answers")
-            opening.add_done_callback(late)
-            return None
-        return self._ring_opened(vm, opening.result())
-
-    def _ring_opened_late(self, vm: VMConfig, opening: asyncio.Future[RingWriter | None]
-                          ) -> None:
-        ring = None if opening.cancelled() or opening.exception() else opening.result()
-        if ring is None:
-            return
-        console = self.consoles.get(vm.name)
-        if console is not None and console.ring is None and console.vm.ring_size == ring.size \
-                and not self._stop.is_set():
-            log.info("ring_open_late", vm=vm.name)
-            console.ring = self._ring_opened(vm, ring)
-        else:
-            try:
-                asyncio.get_running_loop().run_in_executor(None, _close_ring, vm.name, ring)
-            except RuntimeError:  # the executor is shut down: the daemon is exiting
-                _close_ring(vm.name, ring)
-
-    async def _close_ring_off_loop(self, name: str, ring: RingWriter,
-                                   kind: RecordKind | None = None, text: str = "") -> None:
-        """Close *ring* (a last marker, its final sync) in a worker thread; wait at most
-        :data:`RING_WAIT` for it (it closes in the background after that)."""
-        closing = asyncio.get_running_loop().run_in_executor(
-            None, _close_ring, name, ring, kind, text)
-        await asyncio.wait({closing}, timeout=RING_WAIT)
-        if not closing.done():
-            log.error("ring_close_slow", vm=name, waited=RING_WAIT,
-                      hint="it is closed when the disk answers")
-
-    def _ring_opened(self, vm: VMConfig, ring: RingWriter | None) -> RingWriter | None:
-        """Audit a ring moved aside and mark the start in *ring* (loop thread); return it."""
-        if ring is None:
-            return None
-        path = ring.path
-        if ring.recovered_from is not None:
-            log.warning("ring_moved_aside", vm=vm.name, path=str(path),
-                        moved_to=str(ring.recovered_from), reason=ring.recovered_reason)
-            self.audit.event("ring_recovered", vm=vm.name, path=str(ring.recovered_from),
-                             reason=f"old ring moved aside: {ring.recovered_reason}")
-        try:
-            ring.marker(RecordKind.DAEMON_START, "serialmux started")
-        except (RingError, OSError) as exc:  # the console reports it on its next write
-            log.error("ring_write_failed", vm=vm.name, error=str(exc))
-        return ring
-
-    def _close_rings(self) -> None:
-        for console in self.consoles.values():
-            console.flush_redacted()
-            if console.ring is not None:
-                _close_ring(console.name, console.ring, RecordKind.DAEMON_STOP,
-                            "serialmux stopped")
-                console.ring = None
-
-    async def _sync_rings(self) -> None:
-        """Fdatasync the rings that changed, every SYNC_INTERVAL; checkpoint them now and then.
-
-        The sync is the power-cut promise (at most SYNC_INTERVAL lost). A
-        checkpoint is only a hint that keeps recovery's scan short: each ring
-        writes one every CHECKPOINT_ROUNDS rounds at most, its turn spread by
-        its place in the list (5000 header writes a second were 3 % of a core).
-        """
-        last: dict[str, int] = {}
-        failing: set[str] = set()  # VMs whose last sync failed: told once per streak
-        rounds = 0
-        while True:
-            await asyncio.sleep(SYNC_INTERVAL)
-            rounds += 1
-            dirty: dict[str, str] = {}  # ring path -> VM
-            rings = []
-            for i, (name, console) in enumerate(self.consoles.items()):
-                ring = console.ring
-                if ring is not None and (last.get(name) != ring.next_seq or name in failing):
-                    last[name] = ring.next_seq
-                    if (i + rounds) % CHECKPOINT_ROUNDS == 0:
-                        with contextlib.suppress(RingError):  # a hint; the sync reports
-                            ring.checkpoint()
-                    dirty[str(ring.path)] = name
-                    rings.append(ring)
-            if not rings:
-                continue
-            failed = await asyncio.to_thread(
-                fdatasync_all, rings, syncfs=self.config.server.ring_sync == "syncfs")
-            for name in [n for n in last if n not in self.consoles]:  # removed meanwhile
-                del last[name]
-                failing.discard(name)
-            for path, name in dirty.items():
-                owner = self.consoles.get(name)
-                if owner is None or owner.ring is None or str(owner.ring.path) != path:
-                    continue  # its ring was closed during the sync: nothing to report
-                exc = failed.get(path)
-                if exc is not None and name not in failing:
-                    failing.add(name)
-                    log.error("ring_sync_failed", vm=name, error=str(exc))
-                    self.audit.event("ring_sync_failed", vm=name, reason=str(exc),
-                                     result="failed")
-                elif exc is None and name in failing:
-                    failing.discard(name)
-                    log.info("ring_sync_recovered", vm=name)
 
     # -- replay --------------------------------------------------------------------
 
@@ -613,24 +460,6 @@ def _raise_fd_limit(consoles: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < need:
         log.warning("fd_limit_low", limit=soft, needed=need, consoles=consoles,
                     hint="raise LimitNOFILE= in the unit (or ulimit -n)")
-
-
-def _close_ring(vm: str, ring: RingWriter, kind: RecordKind | None = None,
-                text: str = "") -> None:
-    """Leave a last marker (if *kind*) and close *ring*; a failing disk is logged, not raised.
-
-    Every step is tried: a marker that cannot be written still lets the ring close,
-    and one console's bad disk never stops the loop that closes the others.
-    """
-    try:
-        if kind is not None:
-            ring.marker(kind, text)
-    except (RingError, OSError) as exc:
-        log.error("ring_write_failed", vm=vm, error=str(exc))
-    try:
-        ring.close()
-    except (RingError, OSError) as exc:
-        log.error("ring_close_failed", vm=vm, error=str(exc))
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

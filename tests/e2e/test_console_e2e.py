@@ -93,7 +93,7 @@ class Rig:
     def ring_records(self) -> list[Record]:
         """Every record of web-01's ring, oldest first."""
         assert self.gw.daemon is not None
-        reader = RingReader(self.gw.daemon.ring_path("web-01"))
+        reader = RingReader(self.gw.daemon.rings.path("web-01"))
         try:
             return [r for r in reader.records() if isinstance(r, Record)]
         finally:

@@ -93,7 +93,7 @@ async def test_failed_action_leaves_no_sent_marker(
     assert result.exit_status == 1
     conn.close()
     assert hv_gw.daemon is not None
-    reader = RingReader(hv_gw.daemon.ring_path("web-01"))
+    reader = RingReader(hv_gw.daemon.rings.path("web-01"))
     try:
         texts = [
             r.text()

@@ -113,7 +113,7 @@ async def test_qmp_socket_appearing_reopens_with_hypervisor(disco: Gateway, tmp_
 
 def ring_output(gw: Gateway, vm: str) -> bytes:
     """The guest output *vm*'s ring holds, as written (redacted)."""
-    with RingReader(gw.daemon.ring_path(vm)) as reader:  # type: ignore[union-attr]
+    with RingReader(gw.daemon.rings.path(vm)) as reader:  # type: ignore[union-attr]
         return b"".join(r.payload for r in reader.records()
                         if isinstance(r, Record) and r.kind is RecordKind.OUTPUT)
 

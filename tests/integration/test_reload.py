@@ -16,7 +16,7 @@ import asyncssh
 import pyotp
 import pytest
 
-from serialmux import daemon as daemon_mod
+from serialmux import rings as rings_mod
 from serialmux.config import parse_config
 from serialmux.mfa import TotpStore
 from serialmux.reload import plan_reload
@@ -158,7 +158,7 @@ async def test_a_ring_slower_than_ring_wait_is_adopted_when_it_opens(
     """A ring open that outlasts RING_WAIT does not hold the reload: the new console runs
     without its ring, adopts the ring when the disk answers, and logs output from then on."""
     assert gw.daemon is not None
-    monkeypatch.setattr(daemon_mod, "RING_WAIT", 0.05)
+    monkeypatch.setattr(rings_mod, "RING_WAIT", 0.05)
     gw.vms = {"web-01": gw.vms["web-01"], "web-20": spare[0].port}
     rewrite(gw)
     assert await gw.daemon.reload("test")  # back although the open still waits

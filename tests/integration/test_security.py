@@ -65,7 +65,7 @@ def ring_text(gw: Gateway, vm: str) -> bytes:
     """The VM's scrollback as `serialmux logs` prints it (markers included)."""
     out = io.BytesIO()
     assert gw.daemon is not None
-    write_logs(gw.daemon.ring_path(vm), out, lines=None)
+    write_logs(gw.daemon.rings.path(vm), out, lines=None)
     return out.getvalue()
 
 

@@ -1,0 +1,214 @@
+"""The consoles' rings over their life: opened, marked, synced and closed.
+
+:mod:`serialmux.ring` is the file format; this module is the daemon's use of
+it. :class:`Rings` (``Daemon.rings``) opens each console's ring under
+``state_dir/rings`` and marks the start in it, runs the sync loop, and closes
+the rings with a last marker.
+
+At start-up every ring is opened on the loop thread (:meth:`Rings.open_at_start`):
+nothing is served yet, and thousands of rings open fastest without a thread
+hop each. While serving, a console added, resized or removed by a reload or a
+discovery change has its ring opened or closed in a worker thread
+(:meth:`Rings.open`, :meth:`Rings.close`), waiting at most :data:`RING_WAIT`:
+a slow disk never stalls the other consoles, and a ring that opens later is
+adopted by its console then. :meth:`Rings.sync_loop` is the power-cut
+promise: every ring that changed is fdatasynced each ``SYNC_INTERVAL``, so a
+power cut loses at most that much output. :meth:`Rings.close_all` leaves
+``serialmux stopped`` in each ring at shutdown and closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import VMConfig
+from .errors import RingError, SerialmuxError
+from .log import get_logger
+from .ring import SYNC_INTERVAL, SYNCFS_FROM, RecordKind, RingWriter, fdatasync_all
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = get_logger(__name__)
+
+CHECKPOINT_ROUNDS = 10  # a changing ring writes its checkpoint every 10th sync round
+RING_WAIT = 5.0  # the longest a reload or discovery change waits on one ring's disk
+
+
+class Rings:
+    """The daemon's rings: where they live, opening, closing, and the sync loop."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    @property
+    def dir(self) -> Path:
+        """Where the rings live."""
+        return self.daemon.state_dir / "rings"
+
+    def path(self, vm: str) -> Path:
+        """The ring file of *vm* (a name already checked by the config)."""
+        return self.dir / f"{vm}.ring"
+
+    def open_at_start(self, vm: VMConfig) -> RingWriter | None:
+        """*vm*'s ring, opened and marked on the loop thread (before serving); None if unusable."""
+        return self._opened(vm, self._open(vm))
+
+    def _open(self, vm: VMConfig) -> RingWriter | None:
+        """Create or recover *vm*'s ring; None (logged) if it cannot be used. Thread-safe."""
+        path = self.path(vm.name)
+        try:
+            # Thousands of new rings at start: the first sync round's syncfs makes
+            # them durable within SYNC_INTERVAL, instead of 2 fsyncs each now.
+            return RingWriter.open(path, vm.ring_size,
+                                   sync_create=len(self.daemon.config.vms) < SYNCFS_FROM)
+        except (SerialmuxError, OSError) as exc:
+            log.error("ring_unusable", vm=vm.name, path=str(path), error=str(exc))
+            return None
+
+    def _opened(self, vm: VMConfig, ring: RingWriter | None) -> RingWriter | None:
+        """Audit a ring moved aside and mark the start in *ring* (loop thread); return it."""
+        if ring is None:
+            return None
+        path = ring.path
+        if ring.recovered_from is not None:
+            log.warning("ring_moved_aside", vm=vm.name, path=str(path),
+                        moved_to=str(ring.recovered_from), reason=ring.recovered_reason)
+            self.daemon.audit.event("ring_recovered", vm=vm.name, path=str(ring.recovered_from),
+                                    reason=f"old ring moved aside: {ring.recovered_reason}")
+        try:
+            ring.marker(RecordKind.DAEMON_START, "serialmux started")
+        except (RingError, OSError) as exc:  # the console reports it on its next write
+            log.error("ring_write_failed", vm=vm.name, error=str(exc))
+        return ring
+
+    # Rings of consoles added, resized or removed while serving are opened and closed
+    # in a worker thread: creating one preallocates and syncs it, recovering one reads
+    # it, closing one syncs it. A slow or failing disk must not stall every other
+    # console, nor hold a reload or discovery change for long: each waits at most
+    # RING_WAIT, and the work finishes in the background.
+
+    async def open(self, vm: VMConfig) -> RingWriter | None:
+        """*vm*'s ring, opened in a worker thread; None if that takes over :data:`RING_WAIT`.
+
+        A ring that opens later is adopted by its console then (the output read
+        meanwhile is not in it), or closed if the console is gone, has a ring of
+        its own by then, or the daemon is stopping.
+        """
+        opening = asyncio.get_running_loop().run_in_executor(None, self._open, vm)
+        late = functools.partial(self._opened_late, vm)
+        try:
+            await asyncio.wait({opening}, timeout=RING_WAIT)
+        except asyncio.CancelledError:  # shutdown: the ring, when it opens, is closed
+            opening.add_done_callback(late)
+            raise
+        if not opening.done():
+            log.error("ring_open_slow", vm=vm.name, waited=RING_WAIT,
+                      hint="the console runs without its ring until the disk answers")
+            opening.add_done_callback(late)
+            return None
+        return self._opened(vm, opening.result())
+
+    def _opened_late(self, vm: VMConfig, opening: asyncio.Future[RingWriter | None]) -> None:
+        ring = None if opening.cancelled() or opening.exception() else opening.result()
+        if ring is None:
+            return
+        console = self.daemon.consoles.get(vm.name)
+        if console is not None and console.ring is None and console.vm.ring_size == ring.size \
+                and not self.daemon.stopping:
+            log.info("ring_open_late", vm=vm.name)
+            console.ring = self._opened(vm, ring)
+        else:
+            try:
+                asyncio.get_running_loop().run_in_executor(None, _close_ring, vm.name, ring)
+            except RuntimeError:  # the executor is shut down: the daemon is exiting
+                _close_ring(vm.name, ring)
+
+    async def close(self, name: str, ring: RingWriter,
+                    kind: RecordKind | None = None, text: str = "") -> None:
+        """Close *ring* (a last marker, its final sync) in a worker thread; wait at most
+        :data:`RING_WAIT` for it (it closes in the background after that)."""
+        closing = asyncio.get_running_loop().run_in_executor(
+            None, _close_ring, name, ring, kind, text)
+        await asyncio.wait({closing}, timeout=RING_WAIT)
+        if not closing.done():
+            log.error("ring_close_slow", vm=name, waited=RING_WAIT,
+                      hint="it is closed when the disk answers")
+
+    def close_all(self) -> None:
+        """Mark ``serialmux stopped`` in every console's ring and close it (at shutdown)."""
+        for console in self.daemon.consoles.values():
+            console.flush_redacted()
+            if console.ring is not None:
+                _close_ring(console.name, console.ring, RecordKind.DAEMON_STOP,
+                            "serialmux stopped")
+                console.ring = None
+
+    async def sync_loop(self) -> None:
+        """Fdatasync the rings that changed, every SYNC_INTERVAL; checkpoint them now and then.
+
+        The sync is the power-cut promise (at most SYNC_INTERVAL lost). A
+        checkpoint is only a hint that keeps recovery's scan short: each ring
+        writes one every CHECKPOINT_ROUNDS rounds at most, its turn spread by
+        its place in the list (5000 header writes a second were 3 % of a core).
+        """
+        daemon = self.daemon
+        last: dict[str, int] = {}
+        failing: set[str] = set()  # VMs whose last sync failed: told once per streak
+        rounds = 0
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL)
+            rounds += 1
+            dirty: dict[str, str] = {}  # ring path -> VM
+            rings = []
+            for i, (name, console) in enumerate(daemon.consoles.items()):
+                ring = console.ring
+                if ring is not None and (last.get(name) != ring.next_seq or name in failing):
+                    last[name] = ring.next_seq
+                    if (i + rounds) % CHECKPOINT_ROUNDS == 0:
+                        with contextlib.suppress(RingError):  # a hint; the sync reports
+                            ring.checkpoint()
+                    dirty[str(ring.path)] = name
+                    rings.append(ring)
+            if not rings:
+                continue
+            failed = await asyncio.to_thread(
+                fdatasync_all, rings, syncfs=daemon.config.server.ring_sync == "syncfs")
+            for name in [n for n in last if n not in daemon.consoles]:  # removed meanwhile
+                del last[name]
+                failing.discard(name)
+            for path, name in dirty.items():
+                owner = daemon.consoles.get(name)
+                if owner is None or owner.ring is None or str(owner.ring.path) != path:
+                    continue  # its ring was closed during the sync: nothing to report
+                exc = failed.get(path)
+                if exc is not None and name not in failing:
+                    failing.add(name)
+                    log.error("ring_sync_failed", vm=name, error=str(exc))
+                    daemon.audit.event("ring_sync_failed", vm=name, reason=str(exc),
+                                       result="failed")
+                elif exc is None and name in failing:
+                    failing.discard(name)
+                    log.info("ring_sync_recovered", vm=name)
+
+
+def _close_ring(vm: str, ring: RingWriter, kind: RecordKind | None = None,
+                text: str = "") -> None:
+    """Leave a last marker (if *kind*) and close *ring*; a failing disk is logged, not raised.
+
+    Every step is tried: a marker that cannot be written still lets the ring close,
+    and one console's bad disk never stops the loop that closes the others.
+    """
+    try:
+        if kind is not None:
+            ring.marker(kind, text)
+    except (RingError, OSError) as exc:
+        log.error("ring_write_failed", vm=vm, error=str(exc))
+    try:
+        ring.close()
+    except (RingError, OSError) as exc:
+        log.error("ring_close_failed", vm=vm, error=str(exc))
