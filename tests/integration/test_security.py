@@ -628,28 +628,17 @@ async def test_server_enabled_changed_by_a_reload_waits_for_a_restart(
         assert b"disabled for all VMs: disabled in the configuration" in refused.err
 
 
-async def test_disabled_json_nested_too_deeply_is_logged_and_read_as_empty(
-        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
-    """A disabled.json nested deeper than the JSON parser recurses is logged naming the file
-    and read as empty: the daemon starts and serves."""
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "disabled.json").write_text("[" * 200_000)
-    with capture_logs() as logs:
-        async with started(tmp_path, vm, users) as gw:
-            c = await gw.attach(users["alice"], "web-01")
-            await c.wait_out(b"(writer)")
-            await c.close()
-    unreadable = [e for e in logs if e["event"] == "disabled_state_unreadable"]
-    assert [(e["path"], e["error"]) for e in unreadable] == [
-        (str(state / "disabled.json"), "nested too deeply to parse")]
-
-
-@pytest.mark.parametrize("contents", ['["web-01"]', '"everything"', '{"all": 5, "vms": []}'])
+@pytest.mark.parametrize(("contents", "error"), [
+    ('["web-01"]', "the top level is an array, not an object"),
+    ('"everything"', "the top level is a string, not an object"),
+    ('{"all": 5, "vms": []}', '"all" is a number, not a string; ignored'),
+    ("[" * 200_000, "nested too deeply to parse"),
+], ids=["array", "string", "all-not-a-string", "nested-too-deep"])
 async def test_disabled_json_of_the_wrong_shape_is_logged_and_ignored(
-        contents: str, tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
-    """A disabled.json that is valid JSON but not an object, or whose "all" is not a string,
-    is logged naming the file and read as empty: the daemon starts and serves."""
+        contents: str, error: str, tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A disabled.json that is valid JSON but not an object, whose "all" is not a string, or
+    that is nested deeper than the parser recurses, is logged naming the file and saying
+    what is wrong, and read as empty: the daemon starts and serves."""
     state = tmp_path / "state"
     state.mkdir()
     (state / "disabled.json").write_text(contents)
@@ -659,7 +648,7 @@ async def test_disabled_json_of_the_wrong_shape_is_logged_and_ignored(
             await c.wait_out(b"(writer)")
             await c.close()
     unreadable = [e for e in logs if e["event"] == "disabled_state_unreadable"]
-    assert [e["path"] for e in unreadable] == [str(state / "disabled.json")]
+    assert [(e["path"], e["error"]) for e in unreadable] == [(str(state / "disabled.json"), error)]
 
 
 # ----------------------------------------------------------------------------
