@@ -97,9 +97,11 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
     name = console.name
     hv = console.hypervisor
     if action is Action.BREAK:
-        if hv is not None and console.port.spec.kind in (PortKind.PTY, PortKind.QMP):
-            # A QEMU VM on a PTY: tcsendbreak() succeeds but a PTY has no BREAK to carry.
-            # QEMU can put one on the UART behind the chardev, if QMP names it.
+        # A QEMU VM (it has QMP) on a PTY: tcsendbreak() succeeds but a PTY has no BREAK
+        # to carry. QEMU can put one on the UART behind the chardev, if QMP names it.
+        qemu_pty = hv is not None and console.port.spec.kind in (PortKind.PTY, PortKind.QMP)
+        if qemu_pty:
+            assert hv is not None
             chardev = await _chardev(console, hv)
             if chardev is not None:
                 await hv.send_break(chardev)
@@ -107,7 +109,7 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
         problem = await console.port.send_break()
         if problem:
             raise SerialmuxError(f"{name}: BREAK not sent: {problem}")
-        if hv is not None and console.port.spec.kind in (PortKind.PTY, PortKind.QMP):
+        if qemu_pty:
             return (
                 f"BREAK sent to {name} (tcsendbreak; QEMU names no chardev on this PTY, and "
                 "a QEMU -serial pty drops it: for Magic SysRq use ^] s KEY or 'sysrq KEY')"
