@@ -604,6 +604,10 @@ class VMPort:
 
     async def send_break(self) -> str | None:
         """Send a serial BREAK; return None on success or a reason it was not possible."""
+        serial_line = self.spec.kind in (PortKind.PTY, PortKind.TTY, PortKind.QMP)
+        if not (self.spec.telnet or serial_line):  # whether the VM runs or not
+            return ("a plain socket port cannot carry a BREAK; use a unix+telnet: port "
+                    "(QEMU telnet=on) or SysRq through QMP")
         protocol = self._protocol
         if protocol is None or protocol.transport is None:
             return "the console is down"
@@ -611,21 +615,18 @@ class VMPort:
         if self.spec.telnet:
             transport.write(bytes((IAC, BRK)))
             return None
-        if self.spec.kind in (PortKind.PTY, PortKind.TTY, PortKind.QMP):
-            # The thread gets its own dup of the fd, and closes it: the port may close
-            # meanwhile and its number be reused by another VM's PTY, which must not
-            # get the BREAK.
-            try:
-                fd = os.dup(transport.serial.fd)
-            except (OSError, TypeError):  # closed (fd None) or closing
-                return "the console is down"
-            try:
-                await asyncio.to_thread(_send_break, fd)
-            except termios.error as exc:
-                return f"tcsendbreak failed: {exc}"
-            return None
-        return ("a plain socket port cannot carry a BREAK; use a unix+telnet: port "
-                "(QEMU telnet=on) or SysRq through QMP")
+        # A PTY or tty. The thread gets its own dup of the fd, and closes it: the port
+        # may close meanwhile and its number be reused by another VM's PTY, which must
+        # not get the BREAK.
+        try:
+            fd = os.dup(transport.serial.fd)
+        except (OSError, TypeError):  # closed (fd None) or closing
+            return "the console is down"
+        try:
+            await asyncio.to_thread(_send_break, fd)
+        except termios.error as exc:
+            return f"tcsendbreak failed: {exc}"
+        return None
 
 
 def _send_break(fd: int) -> None:
