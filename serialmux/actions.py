@@ -6,7 +6,7 @@ answer can be read in context later (``NMI sent by alice``).
 
 What carries each action depends on the port (see docs/hypervisor.md):
 BREAK goes to the port (``IAC BRK`` on a telnet socket, ``tcsendbreak`` on a
-tty), except on a QEMU PTY, which cannot carry one: there QMP
+tty), except on a QEMU PTY or plain socket, which cannot carry one: there QMP
 ``chardev-send-break`` puts it on the guest's UART. SysRq uses ``IAC BRK`` +
 key on a telnet socket, else QMP ``send-key`` alt+sysrq+KEY, which works
 whatever the port; NMI and reset need QMP.
@@ -97,19 +97,26 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
     name = console.name
     hv = console.hypervisor
     if action is Action.BREAK:
-        # A QEMU VM (it has QMP) on a PTY: tcsendbreak() succeeds but a PTY has no BREAK
-        # to carry. QEMU can put one on the UART behind the chardev, if QMP names it.
-        qemu_pty = hv is not None and console.port.spec.kind in (PortKind.PTY, PortKind.QMP)
-        if qemu_pty:
+        # Through QEMU when it can: a PTY has no BREAK to carry (tcsendbreak succeeds and
+        # QEMU drops it), nor has a plain socket. chardev-send-break puts one on the UART
+        # behind the chardev, if QMP names the chardev holding this port.
+        spec = console.port.spec
+        via_qemu = hv is not None and not spec.telnet and spec.kind is not PortKind.TTY
+        if via_qemu:
             assert hv is not None
             chardev = await _chardev(console, hv)
             if chardev is not None:
                 await hv.send_break(chardev)
                 return f"BREAK sent to {name} (QMP chardev-send-break {chardev})"
+            if spec.kind in _SOCKETS:
+                raise SerialmuxError(
+                    f"{name}: BREAK not sent: QEMU names no chardev on this port "
+                    f"({_SOCKETS[spec.kind] if console.up else 'the console is down'}); "
+                    "for Magic SysRq use ^] s KEY or 'sysrq KEY'")
         problem = await console.port.send_break()
         if problem:
             raise SerialmuxError(f"{name}: BREAK not sent: {problem}")
-        if qemu_pty:
+        if via_qemu:
             return (
                 f"BREAK sent to {name} (tcsendbreak; QEMU names no chardev on this PTY, and "
                 "a QEMU -serial pty drops it: for Magic SysRq use ^] s KEY or 'sysrq KEY')"
@@ -140,12 +147,28 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
     raise SerialmuxError(f"{action.name.lower()} is not an action")
 
 
+#: Socket ports QMP can name a chardev for, and why it may not (shown when it does not).
+_SOCKETS = {
+    PortKind.UNIX: "no chardev listens on that path",
+    PortKind.TCP: "no chardev is connected to our end",
+    PortKind.LISTEN_UNIX: "no chardev dials that path",
+}
+
+
 async def _chardev(console: Console, hv: Hypervisor) -> str | None:
-    """The QEMU chardev behind *console*'s PTY: a ``qmp:`` port's label, else the one
-    QMP reports on the PTY the port opened; None if QEMU names none (or it is down)."""
-    spec = console.port.spec
+    """The QEMU chardev holding *console*'s port: a ``qmp:`` port's label, else the one
+    QMP reports on the port's PTY or socket; None if QEMU names none (or it is down)."""
+    port = console.port
+    spec = port.spec
     if spec.kind is PortKind.QMP:
         return spec.path
     if not console.up:
         return None
-    return await hv.chardev_of_pty(os.path.realpath(spec.path))
+    if spec.kind is PortKind.PTY:
+        return await hv.chardev_of_pty(os.path.realpath(spec.path))
+    if spec.kind in (PortKind.UNIX, PortKind.LISTEN_UNIX):
+        return await hv.chardev_of_unix(spec.path)
+    if spec.kind is PortKind.TCP:
+        address = port.local_address()
+        return None if address is None else await hv.chardev_of_peer(address)
+    return None

@@ -415,6 +415,18 @@ class VMPort:
         """Whether the port is open now."""
         return self._protocol is not None and not self._protocol.closed.done()
 
+    def local_address(self) -> str | None:
+        """Our end of an open TCP port, as QEMU writes a peer (``HOST:PORT``, ``[V6]:PORT``);
+        None when the port is not an open TCP connection."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.closed.done():
+            return None
+        sockname = protocol.transport.get_extra_info("sockname")
+        if not (isinstance(sockname, tuple) and len(sockname) >= 2):
+            return None  # a UNIX socket (a path), a PTY or a tty
+        host, port = sockname[0], sockname[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     def pause_reading(self, paused: bool) -> None:
         """Stop (True) or restart (False) reading the open port: the console's flow control.
 
@@ -606,8 +618,9 @@ class VMPort:
         """Send a serial BREAK; return None on success or a reason it was not possible."""
         serial_line = self.spec.kind in (PortKind.PTY, PortKind.TTY, PortKind.QMP)
         if not (self.spec.telnet or serial_line):  # whether the VM runs or not
-            return ("a plain socket port cannot carry a BREAK; use a unix+telnet: port "
-                    "(QEMU telnet=on) or SysRq through QMP")
+            return ("a plain socket port cannot carry a BREAK; give the VM a qmp socket "
+                    "(QEMU then puts the BREAK on its UART) or use a unix+telnet: port "
+                    "(QEMU telnet=on)")
         protocol = self._protocol
         if protocol is None or protocol.transport is None:
             return "the console is down"

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import string
 from collections.abc import Callable
@@ -349,10 +350,42 @@ class Hypervisor:
 
     async def chardev_of_pty(self, path: str) -> str | None:
         """The label of the chardev whose PTY is *path* (``/dev/pts/N``), or None."""
+        return await self._one_chardev(lambda filename: filename == f"pty:{path}")
+
+    async def chardev_of_unix(self, path: str) -> str | None:
+        """The label of the socket chardev on UNIX socket *path*, listening or dialing it.
+
+        ``query-chardev`` names a connected client chardev only ``unix:`` (its own end
+        has no path), so each UNIX chardev's configured address is read instead
+        (``qom-get`` of its ``addr``); the paths are compared once resolved.
+        """
+        want = os.path.realpath(path)
         for label, filename in await self._chardevs():
-            if filename == f"pty:{path}":
+            if not filename.removeprefix("disconnected:").startswith("unix:"):
+                continue
+            try:
+                addr = await self.execute(
+                    "qom-get", {"path": f"/chardevs/{label}", "property": "addr"})
+            except HypervisorError as exc:
+                if exc.error_class is None:
+                    raise  # QMP is unreachable, hung or broken, not just this chardev
+                continue  # QEMU has no addr for it (an older QEMU): it cannot be matched
+            if (isinstance(addr, dict) and addr.get("type") == "unix"
+                    and isinstance(addr.get("path"), str) and not addr.get("abstract")
+                    and os.path.realpath(addr["path"]) == want):
                 return label
         return None
+
+    async def chardev_of_peer(self, address: str) -> str | None:
+        """The label of the TCP chardev connected to *address* (``HOST:PORT``, ``[V6]:PORT``):
+        QEMU names a connected one ``tcp:LOCAL,server=on <-> PEER``, PEER being our end."""
+        return await self._one_chardev(
+            lambda filename: filename.startswith("tcp:") and filename.endswith(f" <-> {address}"))
+
+    async def _one_chardev(self, matches: Callable[[str], bool]) -> str | None:
+        """The label of the only chardev whose filename *matches*; None for none or several."""
+        labels = [label for label, filename in await self._chardevs() if matches(filename)]
+        return labels[0] if len(labels) == 1 else None
 
     async def _chardevs(self) -> list[tuple[str, str]]:
         """``query-chardev`` as (label, filename) pairs, its shape checked."""

@@ -501,9 +501,21 @@ class TestListenUnix:
         assert b"QMP send-key" in out  # a plain (non-telnet) socket: SysRq goes through QMP
         await client.wait_out(b"sysrq: HELP", GUEST)
 
-    async def test_plain_socket_refuses_break_and_says_why(self, listen_rig: Rig) -> None:
-        """`break` on a plain (non-telnet) socket port exits 1 naming what would carry one."""
-        status, _, err = await listen_rig.exec("break")
-        assert status == 1
-        assert b"a plain socket port cannot carry a BREAK" in err
-        await listen_rig.gw.wait_audit("command", action="break", result="failed")
+    async def test_break_on_a_plain_socket_is_a_real_serial_break_through_qmp(
+            self, listen_rig: Rig) -> None:
+        """^] b then h on a plain socket (which cannot carry a BREAK): QMP names the chardev
+        dialing serialmux's path (among QEMU's other dialing sockets) and chardev-send-break
+        puts a BREAK on the guest's UART, so the kernel takes h as SysRq."""
+        if not listen_rig.gw.console("web-01").up:  # run alone: start the guest first
+            client = await listen_rig.attach()
+            await listen_rig.guest.start()
+            await client.wait_out(b"web-01 console is up", GUEST)
+            await listen_rig.guest.cont()
+            await client.wait_out(PROMPT, BOOT)
+        client = await listen_rig.attach()
+        mark = len(client.out)
+        client.send(b"\x1dbh")
+        await wait_out_after(client, mark, b"BREAK sent to web-01 (QMP chardev-send-break serial0)",
+                             GUEST)
+        await wait_out_after(client, mark, b"sysrq: HELP", GUEST)
+        await listen_rig.gw.wait_audit("command", action="break", result="ok", user="alice")

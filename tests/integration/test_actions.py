@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from serialmux.ring import Record, RecordKind, RingReader
 from tests.integration.conftest import GRANTS
-from tests.support import Gateway, PtyVM, User, gateway
+from tests.support import Gateway, PtyVM, SocketVM, User, gateway
 from tests.unit.test_qmp_misbehaving import FakeQMP, serving
 
 pytestmark = pytest.mark.timeout(60)
@@ -216,3 +217,72 @@ async def test_break_on_a_qemu_pty_goes_through_qmp_to_the_chardev_on_it(
             assert result.exit_status == 0, result.stderr
             assert b"BREAK sent to web-01 (QMP chardev-send-break serial0)" in result.stdout
             assert ("chardev-send-break", {"id": "serial0"}) in fake.commands
+
+
+async def test_break_on_a_tcp_port_goes_to_the_chardev_connected_to_our_end(
+        tmp_path: Path, users: dict[str, User]) -> None:
+    """A tcp: port with qmp: `break` sends chardev-send-break to the chardev whose peer is
+    serialmux's end of the connection (not another on the same port number); with none, it
+    fails naming what QMP lacked."""
+    ends: list[str] = []
+    writers: list[asyncio.StreamWriter] = []
+    connected = asyncio.Event()
+
+    def vm_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = writer.get_extra_info("peername")[:2]
+        ends.append(f"{host}:{port}")
+        writers.append(writer)
+        connected.set()
+
+    server = await asyncio.start_server(vm_side, "127.0.0.1", 0)
+    vm_port = server.sockets[0].getsockname()[1]
+    try:
+        async with (
+            serving(FakeQMP(tmp_path / "qmp.sock")) as fake,
+            gateway(tmp_path, vms={"web-01": f"tcp:127.0.0.1:{vm_port}"}, users=users,
+                    grants=GRANTS, vm_extra={"web-01": f'qmp = "unix:{fake.path}"'}) as g,
+        ):
+            await asyncio.wait_for(connected.wait(), 10)
+            ours = ends[-1]
+            other = f"127.0.0.1:{int(ours.rsplit(':', 1)[1]) + 1}"
+
+            def chardevs(*peers: str) -> dict[str, Any]:
+                return {"return": [
+                    {"label": f"com{i}", "frontend-open": True,
+                     "filename": f"tcp:127.0.0.1:{vm_port},server=on <-> {peer}"}
+                    for i, peer in enumerate(peers)]}
+
+            fake.replies["query-chardev"] = chardevs(other, ours)
+            bob = await g.connect(users["bob"], "web-01")
+            result = await bob.run("break", encoding=None)
+            assert result.exit_status == 0, result.stderr
+            assert b"BREAK sent to web-01 (QMP chardev-send-break com1)" in result.stdout
+            assert fake.commands[-1] == ("chardev-send-break", {"id": "com1"})
+            fake.replies["query-chardev"] = chardevs(other)
+            result = await bob.run("break", encoding=None)
+            assert result.exit_status == 1
+            assert (b"BREAK not sent: QEMU names no chardev on this port (no chardev is "
+                    b"connected to our end)") in result.stderr
+            assert fake.commands[-1][0] == "query-chardev"
+            await g.wait_audit("command", action="break", result="failed")
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_break_on_a_plain_socket_without_qmp_says_what_would_carry_one(
+        tmp_path: Path, users: dict[str, User], sockets: Callable[..., SocketVM]) -> None:
+    """A unix: port with no qmp: `break` exits 1 naming the two things that carry a BREAK."""
+    socket_vm = sockets("vm.sock")
+    await socket_vm.start()
+    async with gateway(tmp_path, vms={"web-01": socket_vm.port}, users=users,
+                       grants=GRANTS) as g:
+        await socket_vm.wait_connected()
+        bob = await g.connect(users["bob"], "web-01")
+        result = await bob.run("break", encoding=None)
+        assert result.exit_status == 1
+        assert b"a plain socket port cannot carry a BREAK; give the VM a qmp socket" \
+            in result.stderr
+        assert b"unix+telnet:" in result.stderr
