@@ -553,7 +553,7 @@ class VMPort:
                     # either way, so it reconnects to whichever listener is there next.
                     self._protocol = None
                     await _stop(protocol)
-                self.sink.port_down(reason)
+                self.sink.port_down(f"{reason}; listening on {path} for QEMU to connect again")
         finally:
             server.close()  # closes the listener only, not the connections it accepted
             leftovers = []

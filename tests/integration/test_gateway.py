@@ -442,7 +442,7 @@ async def test_listen_socket_in_missing_directory_waits_for_it(
         tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
     """A listen:unix: console whose directory does not exist yet does not stop the daemon: it
     says why it is down, listens by itself once the directory appears (no reload), and then
-    says it waits for QEMU instead of the stale reason."""
+    says it waits for QEMU instead of the stale reason, and again once QEMU has left."""
     vm.start()
     path = tmp_path / "later" / "vm.sock"
     listening = asyncio.Event()
@@ -480,6 +480,14 @@ async def test_listen_socket_in_missing_directory_waits_for_it(
                     assert await reader.readexactly(5) == b"typed"
             finally:
                 writer.close()
+            # QEMU goes away: the console says it listens for it again, not just "end of file".
+            await c.wait_out(b"web-02 console is down (end of file")
+            again = f"listening on {path} for QEMU to connect again"
+            assert g.console("web-02").down_reason.endswith(again)
+            status = await g.connect(users["alice"], "web-02")
+            result = await status.run("status", encoding=None)
+            assert again.encode() in result.stdout
+            status.close()
             await c.close()
             await other.close()
 
