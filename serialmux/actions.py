@@ -97,31 +97,7 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
     name = console.name
     hv = console.hypervisor
     if action is Action.BREAK:
-        # Through QEMU when it can: a PTY has no BREAK to carry (tcsendbreak succeeds and
-        # QEMU drops it), nor has a plain socket. chardev-send-break puts one on the UART
-        # behind the chardev, if QMP names the chardev holding this port.
-        spec = console.port.spec
-        via_qemu = hv is not None and not spec.telnet and spec.kind is not PortKind.TTY
-        if via_qemu:
-            assert hv is not None
-            chardev = await _chardev(console, hv)
-            if chardev is not None:
-                await hv.send_break(chardev)
-                return f"BREAK sent to {name} (QMP chardev-send-break {chardev})"
-            if spec.kind in _SOCKETS:
-                raise SerialmuxError(
-                    f"{name}: BREAK not sent: QEMU names no chardev on this port "
-                    f"({_SOCKETS[spec.kind] if console.up else 'the console is down'}); "
-                    "for Magic SysRq use ^] s KEY or 'sysrq KEY'")
-        problem = await console.port.send_break()
-        if problem:
-            raise SerialmuxError(f"{name}: BREAK not sent: {problem}")
-        if via_qemu:
-            return (
-                f"BREAK sent to {name} (tcsendbreak; QEMU names no chardev on this PTY, and "
-                "a QEMU -serial pty drops it: for Magic SysRq use ^] s KEY or 'sysrq KEY')"
-            )
-        return f"BREAK sent to {name}"
+        return await _break(console, hv)
     if action is Action.SYSRQ:
         if not arg or not SYSRQ_KEYS.fullmatch(arg):
             raise SerialmuxError("sysrq takes one key: 0-9 or a-z (e.g. 'h' for help)")
@@ -145,6 +121,37 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
         await hv.reset()
         return f"{name} reset"
     raise SerialmuxError(f"{action.name.lower()} is not an action")
+
+
+async def _break(console: Console, hv: Hypervisor | None) -> str:
+    """Send *console*'s VM a serial BREAK, by whatever can carry one; return the result."""
+    name = console.name
+    # Through QEMU when it can: a PTY has no BREAK to carry (tcsendbreak succeeds and
+    # QEMU drops it), nor has a plain socket. chardev-send-break puts one on the UART
+    # behind the chardev, if QMP names the chardev holding this port.
+    spec = console.port.spec
+    via_qemu = hv is not None and not spec.telnet and spec.kind is not PortKind.TTY
+    if via_qemu:
+        assert hv is not None
+        chardev = await _chardev(console, hv)
+        if chardev is not None:
+            await hv.send_break(chardev)
+            return f"BREAK sent to {name} (QMP chardev-send-break {chardev})"
+        if spec.kind in _SOCKETS:
+            if not console.up:
+                raise SerialmuxError(f"{name}: BREAK not sent: the console is down")
+            raise SerialmuxError(
+                f"{name}: BREAK not sent: QEMU names no chardev on this port "
+                f"({_SOCKETS[spec.kind]}); for Magic SysRq use ^] s KEY or 'sysrq KEY'")
+    problem = await console.port.send_break()
+    if problem:
+        raise SerialmuxError(f"{name}: BREAK not sent: {problem}")
+    if via_qemu:
+        return (
+            f"BREAK sent to {name} (tcsendbreak; QEMU names no chardev on this PTY, and "
+            "a QEMU -serial pty drops it: for Magic SysRq use ^] s KEY or 'sysrq KEY')"
+        )
+    return f"BREAK sent to {name}"
 
 
 #: Socket ports QMP can name a chardev for, and why it may not (shown when it does not).
