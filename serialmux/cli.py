@@ -83,6 +83,34 @@ def demo(port: int) -> None:
         run(lambda: run_demo(port, announce=lambda text: click.echo(text)))
 
 
+@main.command("libvirt-hook")
+@click.argument("domain")
+@click.argument("operation")
+@click.argument("rest", nargs=-1)
+@config_option
+def libvirt_hook(domain: str, operation: str, rest: tuple[str, ...], config_path: str) -> None:
+    """Keep a libvirt domain's COM1 linked in [discovery] dir (run by libvirt's qemu hook,
+    config/libvirt-hook; the domain XML on stdin). Always exits 0: a failing hook can
+    keep a domain from starting."""
+    from . import libvirthook
+
+    # Read all of stdin whatever the operation: libvirt writes the XML to every hook.
+    xml_text = sys.stdin.read(libvirthook.MAX_XML)
+    try:
+        config = load_config(config_path)
+        if config.discovery is None:
+            raise libvirthook.HookProblem(f"{config_path} has no [discovery] dir: nothing linked")
+        done = libvirthook.run(config.discovery.dir, domain, operation, xml_text)
+    except (ConfigError, libvirthook.HookProblem) as exc:
+        message, problem = f"{domain} {operation}: {exc}", True
+    else:
+        if done is None:
+            return
+        message, problem = f"{domain} {operation}: {done}", False
+    libvirthook.to_syslog(message, problem=problem)
+    click.echo(f"serialmux libvirt-hook: {message}", err=True)
+
+
 @main.command()
 @click.argument("vm")
 @config_option

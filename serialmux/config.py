@@ -278,8 +278,9 @@ def parse_config(text: str, path: Path) -> Config:
 def _load_discovery(ld: _Loader, t: Mapping[str, Any], base: Path) -> DiscoveryConfig | None:
     ld.unknown(t, "discovery", _DISCOVERY_KEYS)
     if "libvirt" in t:
-        ld.error("discovery.libvirt", "libvirt discovery is not implemented in this version; "
-                                      "use dir = \"/run/serialmux/vms\" (see docs/operations.md)")
+        ld.error("discovery.libvirt", "is not a key: libvirt domains are discovered through "
+                                      "dir = \"/run/serialmux/vms\" and the libvirt hook "
+                                      "config/libvirt-hook (see docs/operations.md)")
     raw_dir = ld.typed(t, "discovery", "dir", str, None)
     if raw_dir is None:
         ld.error("discovery.dir", "is required, e.g. dir = \"/run/serialmux/vms\"")

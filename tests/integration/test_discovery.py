@@ -16,7 +16,16 @@ import pytest
 
 from serialmux.access import Identity
 from serialmux.ring import Record, RecordKind, RingReader
-from tests.support import WAIT, Gateway, PtyVM, SocketVM, User, gateway, run_cli
+from tests.support import (
+    SERIALMUX_BIN,
+    WAIT,
+    Gateway,
+    PtyVM,
+    SocketVM,
+    User,
+    gateway,
+    run_cli,
+)
 
 CHURN_SECONDS = 20.0
 CHURN_RATE = 10  # VMs added (and as many removed) per second
@@ -402,3 +411,45 @@ async def test_churn_leaks_no_fds_tasks_or_memory(disco: Gateway, tmp_path: Path
     assert after["fds"] <= before["fds"] + 2, (before, after)
     assert after["tasks"] <= before["tasks"] + 1, (before, after)
     assert after["rss"] - before["rss"] < 16 << 20, (before, after)
+
+
+async def hook(*args: str, xml: str = "", config: Path) -> tuple[int, str]:
+    """Run config/libvirt-hook as libvirt does (arguments, XML on stdin); (status, stderr)."""
+    script = Path(__file__).parents[2] / "config" / "libvirt-hook"
+    proc = await asyncio.create_subprocess_exec(
+        str(script), *args, "--config", str(config), stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={"SERIALMUX": SERIALMUX_BIN, "PATH": "/usr/bin:/bin"})
+    _, err = await asyncio.wait_for(proc.communicate(xml.encode()), WAIT)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def test_libvirt_hook_brings_a_domain_console_and_takes_it_away(
+        disco: Gateway, users: dict[str, User], tmp_path: Path) -> None:
+    """The shipped libvirt hook, on started with the live XML, links the domain's PTY: the
+    console comes up and serves SSH; on stopped it goes; a domain name serialmux refuses
+    exits 0 (libvirt must not fail the start) saying why, and links nothing."""
+    guest = PtyVM()
+    guest.start()
+    config = disco.tmp / "serialmux.toml"
+    xml = ("<domain type='kvm'><name>db-07</name><devices><serial type='pty'>"
+           f"<source path='{guest.slave_path}'/><target port='0'/></serial></devices></domain>")
+    try:
+        status, err = await hook("db-07", "started", "begin", "-", xml=xml, config=config)
+        assert status == 0, err
+        assert f"linked {tmp_path / 'vms' / 'db-07.serial'} -> {guest.slave_path}" in err
+        await disco.wait_audit("vm_discovered", vm="db-07")
+        c = await disco.attach(users["alice"], "db-07")
+        await c.wait_out(b"(writer)")
+        guest.write(b"libvirt guest here\r\n")
+        await c.wait_out(b"libvirt guest here")
+        status, err = await hook("db-07", "stopped", "end", "-", xml=xml, config=config)
+        assert status == 0, err
+        await c.wait_out(b"VM db-07 went away")
+        await disco.wait_audit("vm_gone", vm="db-07")
+        status, err = await hook("bad..name", "started", "begin", "-", xml=xml, config=config)
+        assert status == 0
+        assert "not a name serialmux serves" in err
+        assert sorted(p.name for p in (tmp_path / "vms").iterdir()) == []
+    finally:
+        guest.close()

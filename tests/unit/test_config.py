@@ -78,6 +78,8 @@ def test_penalty_exempt_takes_addresses_and_networks(tmp_path: Path) -> None:
     ("[ssh]\npenalty_noauth = -1\n", "10: ssh.penalty_noauth"),
     ('[ssh]\nlogin_timout = 3\n', "10: ssh.login_timout"),
     ('[server.x]\n', "9: server.x"),
+    ('[discovery]\ndir = "/run/serialmux/vms"\nlibvirt = "qemu:///system"\n',
+     "11: discovery.libvirt: is not a key"),
 ])
 def test_ssh_errors_name_line_and_key(tmp_path: Path, snippet: str, where: str) -> None:
     """Bad [ssh] values are reported as FILE:LINE: KEY: message."""
