@@ -131,8 +131,6 @@ def run(directory: Path, domain: str, operation: str, xml_text: str) -> str | No
     if links.qmp is not None:
         _link(qmp, links.qmp)
         done.append(f"{qmp} -> {links.qmp}")
-    else:
-        _unlink(qmp)  # a QMP socket the domain no longer has
     return "linked " + ", ".join(done)
 
 

@@ -64,18 +64,19 @@ def test_a_com1_serialmux_cannot_serve_is_refused_saying_why(xml: str, says: str
 
 
 def test_links_follow_the_domain_and_leave_other_files_alone(tmp_path: Path) -> None:
-    """started links NAME.serial (and NAME.qmp) in one step; a restart without the extra
-    QMP drops NAME.qmp; stopped removes the links but never a file that is not a link;
-    other operations do nothing; a name serialmux would refuse touches no path."""
+    """started links NAME.serial (and NAME.qmp), reconnect re-points them in one step;
+    stopped removes the links but never a file that is not a link; other operations do
+    nothing; a name serialmux would refuse touches no path."""
     qmp = "<qemu:arg value='-qmp'/><qemu:arg value='unix:/run/w.qmp,server=on,wait=off'/>"
     assert run(tmp_path, "web-07", "started", domain(PTY_COM1, qmp)).startswith("linked")
     assert (tmp_path / "web-07.serial").readlink() == Path("/dev/pts/3")
     assert (tmp_path / "web-07.qmp").readlink() == Path("/run/w.qmp")
-    run(tmp_path, "web-07", "reconnect", domain(PTY_COM1.replace("pts/3", "pts/4")))
+    run(tmp_path, "web-07", "reconnect", domain(PTY_COM1.replace("pts/3", "pts/4"), qmp))
     assert (tmp_path / "web-07.serial").readlink() == Path("/dev/pts/4")
-    assert not (tmp_path / "web-07.qmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["web-07.qmp", "web-07.serial"]
     assert run(tmp_path, "web-07", "prepare", "") is None
-    assert run(tmp_path, "web-07", "stopped", "") == f"removed {tmp_path / 'web-07.serial'}"
+    assert run(tmp_path, "web-07", "stopped", "") == (
+        f"removed {tmp_path / 'web-07.serial'}, {tmp_path / 'web-07.qmp'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     (tmp_path / "db-01.serial").write_text("not a link")
     assert run(tmp_path, "db-01", "release", "") == "nothing to remove"
