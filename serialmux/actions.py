@@ -176,6 +176,6 @@ async def _chardev(console: Console, hv: Hypervisor) -> str | None:
     if spec.kind in (PortKind.UNIX, PortKind.LISTEN_UNIX):
         return await hv.chardev_of_unix(spec.path)
     if spec.kind is PortKind.TCP:
-        address = port.local_address()
-        return None if address is None else await hv.chardev_of_peer(address)
+        ours = port.local_address()
+        return None if ours is None else await hv.chardev_of_peer(*ours)
     return None

@@ -415,17 +415,15 @@ class VMPort:
         """Whether the port is open now."""
         return self._protocol is not None and not self._protocol.closed.done()
 
-    def local_address(self) -> str | None:
-        """Our end of an open TCP port, as QEMU writes a peer (``HOST:PORT``, ``[V6]:PORT``);
-        None when the port is not an open TCP connection."""
+    def local_address(self) -> tuple[str, int] | None:
+        """Our end of an open TCP port as (host, port); None when the port is not one."""
         protocol = self._protocol
         if protocol is None or protocol.transport is None or protocol.closed.done():
             return None
         sockname = protocol.transport.get_extra_info("sockname")
         if not (isinstance(sockname, tuple) and len(sockname) >= 2):
             return None  # a UNIX socket (a path), a PTY or a tty
-        host, port = sockname[0], sockname[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return str(sockname[0]), int(sockname[1])
 
     def pause_reading(self, paused: bool) -> None:
         """Stop (True) or restart (False) reading the open port: the console's flow control.

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -355,14 +356,33 @@ class Hypervisor:
     async def chardev_of_unix(self, path: str) -> str | None:
         """The label of the socket chardev on UNIX socket *path*, listening or dialing it.
 
-        ``query-chardev`` names a connected client chardev only ``unix:`` (its own end
-        has no path), so each UNIX chardev's configured address is read instead
-        (``qom-get`` of its ``addr``); the paths are compared once resolved.
+        QEMU names a listening chardev ``unix:PATH,server=on`` and a disconnected one
+        ``disconnected:unix:PATH...``, so those are matched by name; a connected client
+        is named only ``unix:`` (its own end has no path), so its configured address is
+        read instead (``qom-get`` of its ``addr``). QEMU's paths are compared as written,
+        normalised but not looked up (no filesystem call on the loop for a path QEMU
+        gives), against *path* as given and resolved. The whole lookup takes at most
+        ``command_timeout``: a slow QEMU with many chardevs cannot hold an action longer.
         """
-        want = os.path.realpath(path)
+        wants = {os.path.normpath(path), os.path.realpath(path)}
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                return await self._unix_chardev(wants)
+        except TimeoutError as err:
+            raise HypervisorTimeout(
+                f"QMP did not name the chardev on {path} within {self._command_timeout} s; "
+                "QEMU may be hung or very busy", vm=self.vm) from err
+
+    async def _unix_chardev(self, wants: set[str]) -> str | None:
+        clients = []
         for label, filename in await self._chardevs():
-            if not filename.removeprefix("disconnected:").startswith("unix:"):
-                continue
+            name = filename.removeprefix("disconnected:")
+            if name == "unix:":
+                clients.append(label)
+            elif name.startswith("unix:") and _same_path(
+                    name[5:].removesuffix(",server=on"), wants):
+                return label
+        for label in clients:
             try:
                 addr = await self.execute(
                     "qom-get", {"path": f"/chardevs/{label}", "property": "addr"})
@@ -372,15 +392,23 @@ class Hypervisor:
                 continue  # QEMU has no addr for it (an older QEMU): it cannot be matched
             if (isinstance(addr, dict) and addr.get("type") == "unix"
                     and isinstance(addr.get("path"), str) and not addr.get("abstract")
-                    and os.path.realpath(addr["path"]) == want):
+                    and _same_path(addr["path"], wants)):
                 return label
         return None
 
-    async def chardev_of_peer(self, address: str) -> str | None:
-        """The label of the TCP chardev connected to *address* (``HOST:PORT``, ``[V6]:PORT``):
-        QEMU names a connected one ``tcp:LOCAL,server=on <-> PEER``, PEER being our end."""
-        return await self._one_chardev(
-            lambda filename: filename.startswith("tcp:") and filename.endswith(f" <-> {address}"))
+    async def chardev_of_peer(self, host: str, port: int) -> str | None:
+        """The label of the TCP chardev connected to our end *host*:*port*: QEMU names a
+        connected one ``tcp:LOCAL,server=on <-> PEER``, PEER being our end (as an
+        IPv4-mapped address when QEMU listens on ``::``)."""
+        want = (_address(host), port)
+
+        def matches(filename: str) -> bool:
+            _, sep, peer = filename.rpartition(" <-> ")
+            peer_host, _, peer_port = peer.rpartition(":")
+            return (filename.startswith("tcp:") and bool(sep) and peer_port.isdigit()
+                    and (_address(peer_host.strip("[]")), int(peer_port)) == want)
+
+        return await self._one_chardev(matches)
 
     async def _one_chardev(self, matches: Callable[[str], bool]) -> str | None:
         """The label of the only chardev whose filename *matches*; None for none or several."""
@@ -398,6 +426,22 @@ class Hypervisor:
                     and isinstance(chardev.get("filename"), str)):
                 raise self._malformed("query-chardev", chardev, expected)
         return [(chardev["label"], chardev["filename"]) for chardev in reply]
+
+
+def _same_path(path: str, wants: set[str]) -> bool:
+    """Whether QEMU's *path* is one of *wants* (absolute, no NUL, normalised as written)."""
+    return path.startswith("/") and "\0" not in path and os.path.normpath(path) in wants
+
+
+def _address(host: str) -> str:
+    """*host* as a canonical IP address string (IPv4-mapped IPv6 as IPv4); else as given."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
 
 def _quote(reply: object) -> str:

@@ -83,23 +83,25 @@ async def test_unix_sockets_are_matched_by_path_either_way(tmp_path: Path) -> No
         decoy.close()
 
 
+@pytest.mark.parametrize("listen", ["127.0.0.1", "::"])
 async def test_a_tcp_chardev_is_matched_by_our_end_and_a_pty_by_its_path(
-        tmp_path: Path) -> None:
-    """A TCP chardev QEMU serves is found by the address of our end of the connection,
-    not by its port alone; the PTY chardev by its /dev/pts path."""
-    async with qemu(tmp_path, "socket,id=net,host=127.0.0.1,port=0,server=on,wait=off") as hv:
+        tmp_path: Path, listen: str) -> None:
+    """A TCP chardev QEMU serves is found by the address of our end of the connection (on a
+    dual-stack listener QEMU writes it IPv4-mapped), not by its port alone; the PTY chardev
+    by its /dev/pts path."""
+    async with qemu(tmp_path, f"socket,id=net,host={listen},port=0,server=on,wait=off") as hv:
         chardevs = {c["label"]: c["filename"] for c in await hv.execute("query-chardev")}
-        port = int(chardevs["net"].removeprefix("disconnected:tcp:127.0.0.1:").split(",")[0])
+        port = int(chardevs["net"].split(",")[0].rpartition(":")[2])
         pty = next(f[4:] for f in chardevs.values() if f.startswith("pty:"))
         client = socket.create_connection(("127.0.0.1", port))
         try:
             host, ours = client.getsockname()
             assert await hv.chardev_of_pty(pty) in chardevs
             async with asyncio.timeout(WAIT):  # until QEMU's main loop has accepted
-                while await hv.chardev_of_peer(f"{host}:{ours}") != "net":
+                while await hv.chardev_of_peer(host, ours) != "net":
                     await asyncio.sleep(0.05)
-            assert await hv.chardev_of_peer(f"{host}:{ours + 1}") is None
-            assert await hv.chardev_of_peer(f"127.0.0.1:{port}") is None
+            assert await hv.chardev_of_peer(host, ours + 1) is None
+            assert await hv.chardev_of_peer("127.0.0.1", port) is None
             assert await hv.chardev_of_pty("/dev/pts/999999") is None
         finally:
             client.close()

@@ -33,7 +33,8 @@ class FakeQMP:
     huge: replies with a 1 MiB line. eof: closes in the middle of a reply.
     good: answers query-status / query-chardev / anything else with ``{}``.
     In any mode but silent it greets with ``greeting``, and ``replies[command]`` (a whole reply
-    object, which gets the command's id unless it has its own) overrides the answer to a command.
+    object, which gets the command's id unless it has its own) overrides the answer to a command;
+    ``delays[command]`` holds each answer to that command back for so many seconds.
     """
 
     def __init__(self, path: Path, mode: str = "good", status: str = "running") -> None:
@@ -43,6 +44,7 @@ class FakeQMP:
         self.pty = "pty:/dev/pts/7"  # serial0's filename in query-chardev
         self.greeting: Any = GREETING
         self.replies: dict[str, Any] = {}
+        self.delays: dict[str, float] = {}  # seconds a command's answer is held back
         self.commands: list[tuple[str, Any]] = []
         self.connections = 0
         self._changed = asyncio.Event()
@@ -133,6 +135,8 @@ class FakeQMP:
         """Reply to one command as ``mode`` says; False ends the connection."""
         if self.mode == "hang":
             return True
+        if command in self.delays:
+            await asyncio.sleep(self.delays[command])
         if command in self.replies:
             writer.write(self._line({"id": ident, **self.replies[command]}))
         elif self.mode == "malformed":
@@ -292,6 +296,53 @@ async def test_good_server_results_and_commands(tmp_path: Path) -> None:
                 ("send-key", {"keys": keys}),
                 ("chardev-send-break", {"id": "serial0"}),
             ]
+
+
+async def test_chardev_lookups_take_what_qemu_names_and_nothing_else(tmp_path: Path) -> None:
+    """chardev_of_unix() matches QEMU's listening, disconnected and (through qom-get addr)
+    dialing chardevs by path, and takes a path with a NUL or a relative one as no match;
+    chardev_of_peer() matches our end also as QEMU's IPv4-mapped form, and only a TCP one."""
+    async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
+        fake.replies["query-chardev"] = {"return": [
+            {"label": "srv", "filename": "unix:/run/a.sock,server=on"},
+            {"label": "gone", "filename": "disconnected:unix:/run/b.sock"},
+            {"label": "dial", "filename": "unix:"},
+            {"label": "v6", "filename": "tcp:[::]:4555,server=on <-> [::ffff:127.0.0.1]:40000"},
+            {"label": "v4", "filename": "tcp:127.0.0.1:4556,server=on <-> 127.0.0.1:40001"},
+            {"label": "tn", "filename": "telnet:127.0.0.1:4557,server=on <-> 127.0.0.1:40002"},
+        ]}
+        hv = hypervisor(fake.path)
+        async with running(hv):
+            assert await hv.wait_connected(PROMPTLY)
+            assert await hv.chardev_of_unix("/run/a.sock") == "srv"
+            assert await hv.chardev_of_unix("/run/./b.sock") == "gone"
+            fake.replies["qom-get"] = {"return": {"type": "unix", "path": "/run/c.sock"}}
+            assert await hv.chardev_of_unix("/run/c.sock") == "dial"
+            for bad in ("/run/c.sock\u0000x", "c.sock"):
+                fake.replies["qom-get"] = {"return": {"type": "unix", "path": bad}}
+                assert await hv.chardev_of_unix("/run/c.sock") is None
+            assert await hv.chardev_of_peer("127.0.0.1", 40000) == "v6"
+            assert await hv.chardev_of_peer("127.0.0.1", 40001) == "v4"
+            assert await hv.chardev_of_peer("127.0.0.1", 40002) is None
+            assert await hv.chardev_of_peer("127.0.0.2", 40001) is None
+
+
+async def test_a_slow_qemu_bounds_the_whole_unix_chardev_lookup(tmp_path: Path) -> None:
+    """With many dialing chardevs each answered slowly, chardev_of_unix() gives up after one
+    command_timeout in all (not one per chardev), as a HypervisorTimeout."""
+    async with serving(FakeQMP(tmp_path / "q.sock")) as fake:
+        fake.replies["query-chardev"] = {"return": [
+            {"label": f"dial{i}", "filename": "unix:"} for i in range(6)]}
+        fake.replies["qom-get"] = {"return": {"type": "unix", "path": "/elsewhere.sock"}}
+        fake.delays["qom-get"] = 0.5
+        hv = hypervisor(fake.path, command_timeout=1.0)
+        async with running(hv):
+            assert await hv.wait_connected(PROMPTLY)
+            started = time.monotonic()
+            with pytest.raises(HypervisorTimeout, match="did not name the chardev"):
+                await hv.chardev_of_unix("/run/c.sock")
+            assert time.monotonic() - started < 2.5  # 6 x 0.5 s = 3 s without the bound
+            assert [c for c, _ in fake.commands].count("qom-get") < 6
 
 
 @pytest.mark.parametrize("key", ["", "hh", "H", "!", " ", "\n"])
