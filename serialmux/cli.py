@@ -87,22 +87,25 @@ def demo(port: int) -> None:
 @click.argument("domain")
 @click.argument("operation")
 @click.argument("rest", nargs=-1)
-@config_option
+@click.option("--config", "-c", "config_path", default=DEFAULT_CONFIG, show_default=True,
+              help="The TOML configuration file.")
 def libvirt_hook(domain: str, operation: str, rest: tuple[str, ...], config_path: str) -> None:
     """Keep a libvirt domain's COM1 linked in [discovery] dir (run by libvirt's qemu hook,
-    config/libvirt-hook; the domain XML on stdin). Always exits 0: a failing hook can
-    keep a domain from starting."""
+    config/libvirt-hook, with the domain XML on stdin). It exits 0 whatever happens: a
+    failing hook keeps a domain from starting."""
     from . import libvirthook
 
     # Read all of stdin whatever the operation: libvirt writes the XML to every hook.
-    xml_text = sys.stdin.read(libvirthook.MAX_XML)
+    xml = sys.stdin.buffer.read(libvirthook.MAX_XML)
     try:
         config = load_config(config_path)
         if config.discovery is None:
             raise libvirthook.HookProblem(f"{config_path} has no [discovery] dir: nothing linked")
-        done = libvirthook.run(config.discovery.dir, domain, operation, xml_text)
+        done = libvirthook.run(config.discovery.dir, domain, operation, xml)
     except (ConfigError, libvirthook.HookProblem) as exc:
         message, problem = f"{domain} {operation}: {exc}", True
+    except Exception as exc:  # whatever it is, the domain must still start
+        message, problem = f"{domain} {operation}: {type(exc).__name__}: {exc}", True
     else:
         if done is None:
             return

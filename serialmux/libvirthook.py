@@ -23,9 +23,11 @@ syslog, and the exit status is 0 (``cli.libvirt_hook``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
+import stat
 import syslog
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ SERIAL_SUFFIX = ".serial"
 QMP_SUFFIX = ".qmp"
 _QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
 _PTY = re.compile(r"/dev/pts/[0-9]+")
+#: Linux's PTY slave majors (UNIX98_PTY_SLAVE_MAJOR and the 7 after it).
+_PTY_MAJORS = range(136, 144)
 _QMP_UNIX = re.compile(r"unix:([^,]+)(?:,.*)?")
 
 
@@ -58,14 +62,14 @@ class Links:
     qmp: str | None = None
 
 
-def links_of(xml_text: str) -> Links:
+def links_of(xml: bytes) -> Links:
     """Find COM1 (and an extra ``-qmp unix:``) in a domain's XML; raise HookProblem."""
-    if "<!DOCTYPE" in xml_text or "<!ENTITY" in xml_text:  # libvirt never writes one
+    if b"<!DOCTYPE" in xml or b"<!ENTITY" in xml:  # libvirt never writes one
         raise HookProblem("the domain XML on stdin has a DOCTYPE or ENTITY; not read")
     try:
         # libvirtd (root) wrote it, with no DTD (refused above): ElementTree fetches no
         # external entities, so nothing here reads a file or expands an entity.
-        root = ET.fromstring(xml_text)  # noqa: S314
+        root = ET.fromstring(xml)  # noqa: S314
     except ET.ParseError as exc:
         raise HookProblem(f"the domain XML on stdin does not parse: {exc}") from exc
     serials = root.findall("./devices/serial")
@@ -106,56 +110,100 @@ def _extra_qmp(root: ET.Element) -> str | None:
     return None
 
 
-def run(directory: Path, domain: str, operation: str, xml_text: str) -> str | None:
+def run(directory: Path, domain: str, operation: str, xml: bytes) -> str | None:
     """Do what *operation* on *domain* means for its links in *directory*.
 
-    Returns what was done (None: nothing, the operation is not one that
-    changes whether QEMU runs); raises HookProblem when it could not be done.
+    Returns what was done (None: nothing to do or say); raises HookProblem when it
+    could not be done. Everything in *directory* is done through one descriptor of
+    it, opened without following a symlink: a directory swapped for a link after the
+    check cannot make this (root) process link or unlink elsewhere.
     """
     if operation not in LINK | UNLINK:
         return None
     if not check_name(domain):
         raise HookProblem(f"domain name {domain!r} is not a name serialmux serves "
                           "(letters, digits, '.', '_', '-'); not linked")
-    serial = directory / f"{domain}{SERIAL_SUFFIX}"
-    qmp = directory / f"{domain}{QMP_SUFFIX}"
-    if operation in UNLINK:
-        gone = [str(p) for p in (serial, qmp) if _unlink(p)]
-        return f"removed {', '.join(gone)}" if gone else "nothing to remove"
-    links = links_of(xml_text)
-    if not directory.is_dir():
+    serial, qmp = f"{domain}{SERIAL_SUFFIX}", f"{domain}{QMP_SUFFIX}"
+    links = links_of(xml) if operation in LINK else None
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
         raise HookProblem(f"the discovery directory {directory} does not exist "
-                          "(is serialmux installed with its tmpfiles.d entry?)")
-    _link(serial, links.serial)
-    done = [f"{serial} -> {links.serial}"]
-    if links.qmp is not None:
-        _link(qmp, links.qmp)
-        done.append(f"{qmp} -> {links.qmp}")
-    return "linked " + ", ".join(done)
-
-
-def _link(path: Path, target: str) -> None:
-    """Point symlink *path* at *target* in one step (the console never sees it missing)."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}")  # discovery ignores dot names
-    try:
-        temp.unlink(missing_ok=True)
-        os.symlink(target, temp)
-        os.replace(temp, path)
+                          "(is serialmux installed with its tmpfiles.d entry?)") from None
     except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise HookProblem(f"cannot link {path} -> {target}: {exc.strerror}") from exc
-
-
-def _unlink(path: Path) -> bool:
-    """Remove *path* if it is a symlink (only ours are); return whether it was removed."""
-    if not path.is_symlink():
-        return False
+        raise HookProblem(f"cannot use the discovery directory {directory}: {exc.strerror} "
+                          "(it must be a directory, not a symlink)") from exc
     try:
-        path.unlink()
+        if links is None:
+            gone = [str(directory / name) for name in (serial, qmp) if _unlink(fd, name)]
+            return f"removed {', '.join(gone)}" if gone else None
+        done = []
+        if links.qmp is not None:  # first: the console then comes up with its QMP
+            _link(fd, qmp, links.qmp)
+            done.append(f"{directory / qmp} -> {links.qmp}")
+        _link(fd, serial, links.serial)
+        granted = _grant(links.serial, os.fstat(fd).st_gid)
+        done.insert(0, f"{directory / serial} -> {links.serial}{granted}")
+        return "linked " + ", ".join(done)
+    finally:
+        os.close(fd)
+
+
+def _grant(path: str, gid: int) -> str:
+    """Let group *gid* (the discovery directory's, so the daemon's) read and write the PTY
+    at *path*; return a note on what was done ("" if nothing).
+
+    A PTY is made ``0620 OWNER:tty``: its group may write to it but not read, so a
+    daemon that is not root cannot open the console of a QEMU run as root or as
+    ``libvirt-qemu``. Only a PTY slave device is changed (by lstat: never a link,
+    never a file a domain's XML could name), and not when *gid* is root's.
+    """
+    if gid == 0 or not _PTY.fullmatch(path):
+        return ""
+    try:
+        # Through a descriptor of the device itself: what is checked is what is changed.
+        pty = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_NOFOLLOW
+                      | os.O_CLOEXEC)
+        try:
+            st = os.fstat(pty)
+            if not (stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) in _PTY_MAJORS):
+                return ""
+            os.fchown(pty, -1, gid)
+            os.fchmod(pty, (st.st_mode & 0o7777) | 0o060)
+        finally:
+            os.close(pty)
+    except OSError as exc:
+        raise HookProblem(f"linked, but cannot give the daemon's group access to {path}: "
+                          f"{exc.strerror}") from exc
+    return f" (group {gid} may read and write it)"
+
+
+def _link(fd: int, name: str, target: str) -> None:
+    """Point symlink *name* (in directory *fd*) at *target* in one step: the console
+    never sees it missing."""
+    temp = f".{name}.{os.getpid()}"  # not NAME.serial: discovery ignores it
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=fd)
+        os.symlink(target, temp, dir_fd=fd)
+        os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=fd)
+        raise HookProblem(f"cannot link {name} -> {target}: {exc.strerror}") from exc
+
+
+def _unlink(fd: int, name: str) -> bool:
+    """Remove *name* (in directory *fd*) if it is a symlink (only ours are); return
+    whether it was removed."""
+    try:
+        if not stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode):
+            return False
+        os.unlink(name, dir_fd=fd)
     except FileNotFoundError:
         return False
     except OSError as exc:
-        raise HookProblem(f"cannot remove {path}: {exc.strerror}") from exc
+        raise HookProblem(f"cannot remove {name}: {exc.strerror}") from exc
     return True
 
 

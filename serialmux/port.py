@@ -452,7 +452,7 @@ class VMPort:
             except (OSError, termios.error, serial.SerialException, _NotReady) as exc:
                 # termios.error is not an OSError: pyserial's tcsetattr raises it
                 # when the PTY closes while the port is being opened.
-                self._open_failed(describe(exc))
+                self._open_failed(describe(exc) + self._denied_hint(exc))
             else:
                 self.tried.set()
                 self.last_error = None
@@ -476,6 +476,15 @@ class VMPort:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._retry_now.wait(), delay)
         return min(delay * 2, BACKOFF_MAX)
+
+    def _denied_hint(self, exc: BaseException) -> str:
+        """What to do when a PTY or tty refused the daemon (EACCES), else ""."""
+        if getattr(exc, "errno", None) != errno.EACCES or self.spec.kind not in (
+                PortKind.PTY, PortKind.TTY, PortKind.QMP):
+            return ""
+        return ("; the daemon's user or group must be able to read and write it (a PTY "
+                "QEMU opens is OWNER:tty 0620, which its group cannot read): see "
+                "docs/operations.md, \"Permissions\"")
 
     def _open_failed(self, reason: str) -> None:
         """An open attempt failed: log and tell the sink, unless it is the same as last time."""

@@ -413,12 +413,13 @@ async def test_churn_leaks_no_fds_tasks_or_memory(disco: Gateway, tmp_path: Path
     assert after["rss"] - before["rss"] < 16 << 20, (before, after)
 
 
-async def hook(*args: str, xml: str = "", config: Path) -> tuple[int, str]:
+async def hook(*args: str, xml: str = "", config: Path,
+               serialmux: str = SERIALMUX_BIN) -> tuple[int, str]:
     """Run config/libvirt-hook as libvirt does (arguments, XML on stdin); (status, stderr)."""
     script = Path(__file__).parents[2] / "config" / "libvirt-hook"
     proc = await asyncio.create_subprocess_exec(
-        str(script), *args, "--config", str(config), stdin=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env={"SERIALMUX": SERIALMUX_BIN, "PATH": "/usr/bin:/bin"})
+        str(script), *args, stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={"SERIALMUX": serialmux, "SERIALMUX_CONFIG": str(config), "PATH": "/usr/bin:/bin"})
     _, err = await asyncio.wait_for(proc.communicate(xml.encode()), WAIT)
     assert proc.returncode is not None
     return proc.returncode, err.decode()
@@ -427,8 +428,9 @@ async def hook(*args: str, xml: str = "", config: Path) -> tuple[int, str]:
 async def test_libvirt_hook_brings_a_domain_console_and_takes_it_away(
         disco: Gateway, users: dict[str, User], tmp_path: Path) -> None:
     """The shipped libvirt hook, on started with the live XML, links the domain's PTY: the
-    console comes up and serves SSH; on stopped it goes; a domain name serialmux refuses
-    exits 0 (libvirt must not fail the start) saying why, and links nothing."""
+    console comes up and serves SSH; on stopped it goes. A domain name serialmux refuses
+    (or one that looks like an option), or a serialmux that is not installed, exits 0
+    (libvirt must not fail the start) saying why, and links nothing."""
     guest = PtyVM()
     guest.start()
     config = disco.tmp / "serialmux.toml"
@@ -447,9 +449,15 @@ async def test_libvirt_hook_brings_a_domain_console_and_takes_it_away(
         assert status == 0, err
         await c.wait_out(b"VM db-07 went away")
         await disco.wait_audit("vm_gone", vm="db-07")
-        status, err = await hook("bad..name", "started", "begin", "-", xml=xml, config=config)
-        assert status == 0
-        assert "not a name serialmux serves" in err
+        for name in ("bad..name", "-x", "--help"):  # never options, never a failed start
+            status, err = await hook(name, "started", "begin", "-", xml=xml, config=config)
+            assert status == 0
+            assert "not a name serialmux serves" in err, name
+        status, err = await hook("db-07", "started", "begin", "-", xml=xml, config=config,
+                                 serialmux="/nonexistent/serialmux")
+        assert (status, "not executable: console not linked" in err) == (0, True)
+        status, err = await hook("db-07", "prepare", "begin", "-", xml=xml, config=config)
+        assert (status, err) == (0, "")
         assert sorted(p.name for p in (tmp_path / "vms").iterdir()) == []
     finally:
         guest.close()
