@@ -585,6 +585,10 @@ class VMPort:
                 if os.path.lexists(path) and not os.path.isdir(path):
                     os.unlink(path)  # a previous listener's, or a stale file in our place
                 server = await loop.create_unix_server(factory, path)
+                # Group read-write (connecting needs write): the umask left it 0750.
+                # Its group is the daemon's, or in a setgid directory the directory's,
+                # which is how QEMU's user gets in and nobody else.
+                os.chmod(path, 0o660)
             except OSError as exc:
                 hint = " (does its directory exist?)" if exc.errno == errno.ENOENT else ""
                 self._open_failed(f"cannot listen on {path}: {describe(exc)}{hint}")

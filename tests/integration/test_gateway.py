@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pwd
 import re
 import select
 import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -441,8 +444,9 @@ async def test_hung_socket_guest_is_closed_at_once_when_its_console_stops(
 async def test_listen_socket_in_missing_directory_waits_for_it(
         tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
     """A listen:unix: console whose directory does not exist yet does not stop the daemon: it
-    says why it is down, listens by itself once the directory appears (no reload), and then
-    says it waits for QEMU instead of the stale reason, and again once QEMU has left."""
+    says why it is down, listens by itself once the directory appears (no reload), on a
+    socket its directory's group may connect to, and then says it waits for QEMU instead of
+    the stale reason, and again once QEMU has left."""
     vm.start()
     path = tmp_path / "later" / "vm.sock"
     listening = asyncio.Event()
@@ -465,8 +469,13 @@ async def test_listen_socket_in_missing_directory_waits_for_it(
             assert "does its directory exist?" in g.console("web-02").down_reason
             assert not listening.is_set()
             path.parent.mkdir()
+            qemu_group = pwd.getpwnam("nobody").pw_gid  # stands for QEMU's user's group
+            os.chown(path.parent, -1, qemu_group)
+            os.chmod(path.parent, 0o2750)  # noqa: S103  # setgid: its group passes to the socket
             async with asyncio.timeout(WAIT):  # the port's own backoff, at most BACKOFF_MAX
                 await listening.wait()
+            st = os.stat(path)  # QEMU's group may connect (write), others not at all
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, qemu_group)
             waiting = f"listening on {path}; QEMU has not connected yet"
             assert g.console("web-02").down_reason == waiting  # not the old ENOENT
             await c.wait_out(waiting.encode())
