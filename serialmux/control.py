@@ -478,9 +478,10 @@ def status_report(daemon: Daemon) -> dict[str, Any]:
         c = daemon.consoles[name]
         ring = None
         if c.ring is not None:
+            # Written since the daemon started: what the ring holds from earlier runs is
+            # what `serialmux logs` shows.
             ring = {"path": str(c.ring.path), "size": c.ring.size,
-                    "bytes_written": c.ring.bytes_written,
-                    "used": min(c.ring.bytes_written, c.ring.size)}
+                    "bytes_written": c.ring.bytes_written}
         vms.append({
             "name": name, "source": "discovery" if name in discovered else "config",
             "up": c.up, "port": c.port.description, "state_since": c.state_since,

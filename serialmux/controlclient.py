@@ -35,8 +35,9 @@ def render_status(report: dict[str, Any]) -> list[str]:
         lines.append(f"{vm['name']}: {state} since {vm['state_since']}; {vm['port']}"
                      f" [{vm['source']}]")
         ring = vm["ring"]
-        ring_text = (f"ring {ring['used']}/{ring['size']} bytes" if ring else "no ring")
-        lines.append(f"  read {vm['bytes_read']} bytes; {ring_text}")
+        ring_text = (f"ring of {ring['size']} bytes, {ring['bytes_written']} written"
+                     if ring else "no ring")
+        lines.append(f"  since the daemon started: read {vm['bytes_read']} bytes; {ring_text}")
         if vm["disabled"]:
             lines.append(f"  disabled: {vm['disabled']}")
         for att in ([vm["writer"]] if vm["writer"] else []) + vm["watchers"]:

@@ -141,8 +141,16 @@ def run(directory: Path, domain: str, operation: str, xml: bytes) -> str | None:
         if links.qmp is not None:  # first: the console then comes up with its QMP
             _link(fd, qmp, links.qmp)
             done.append(f"{directory / qmp} -> {links.qmp}")
+        # The PTY's access first: a console linked before it would try, be refused, and
+        # wait out its retry backoff. A grant that fails still links (the console then
+        # says why it cannot open), and is said after.
+        try:
+            granted, refused = _grant(links.serial, os.fstat(fd).st_gid), None
+        except HookProblem as exc:
+            granted, refused = "", exc
         _link(fd, serial, links.serial)
-        granted = _grant(links.serial, os.fstat(fd).st_gid)
+        if refused is not None:
+            raise HookProblem(f"linked {directory / serial} -> {links.serial}, but {refused}")
         done.insert(0, f"{directory / serial} -> {links.serial}{granted}")
         return "linked " + ", ".join(done)
     finally:
@@ -153,10 +161,11 @@ def _grant(path: str, gid: int) -> str:
     """Let group *gid* (the discovery directory's, so the daemon's) read and write the PTY
     at *path*; return a note on what was done ("" if nothing).
 
-    A PTY is made ``0620 OWNER:tty``: its group may write to it but not read, so a
-    daemon that is not root cannot open the console of a QEMU run as root or as
-    ``libvirt-qemu``. Only a PTY slave device is changed (by lstat: never a link,
-    never a file a domain's XML could name), and not when *gid* is root's.
+    A PTY is made ``OWNER:tty 0620`` (or ``0600``, as ``/dev/pts`` is mounted): its
+    group may not read it, so a daemon that is not root cannot open the console of a
+    QEMU run as root or as ``libvirt-qemu``. Only a PTY slave device is changed (checked
+    on the descriptor that is changed: never a link, never a file a domain's XML could
+    name), and not when *gid* is root's.
     """
     if gid == 0 or not _PTY.fullmatch(path):
         return ""
@@ -173,7 +182,7 @@ def _grant(path: str, gid: int) -> str:
         finally:
             os.close(pty)
     except OSError as exc:
-        raise HookProblem(f"linked, but cannot give the daemon's group access to {path}: "
+        raise HookProblem(f"cannot give the daemon's group access to {path}: "
                           f"{exc.strerror}") from exc
     return f" (group {gid} may read and write it)"
 

@@ -455,6 +455,9 @@ class VMPort:
                 self._open_failed(describe(exc) + self._denied_hint(exc))
             else:
                 self.tried.set()
+                if self.last_error is not None:  # it said it could not: say it can now
+                    log.info("port_recovered", vm=self.vm.name, port=self.description,
+                             was=self.last_error)
                 self.last_error = None
                 self._protocol = protocol
                 self.sink.port_up(self.description)
@@ -483,7 +486,7 @@ class VMPort:
                 PortKind.PTY, PortKind.TTY, PortKind.QMP):
             return ""
         return ("; the daemon's user or group must be able to read and write it (a PTY "
-                "QEMU opens is OWNER:tty 0620, which its group cannot read): see "
+                "QEMU opens is OWNER:tty 0620 or 0600, which no group can read): see "
                 "docs/operations.md, \"Permissions\"")
 
     def _open_failed(self, reason: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import socket
@@ -62,6 +63,9 @@ async def test_status_text_and_json(gw: Gateway, users: dict[str, User], vm: Pty
     assert f"127.0.0.1:{gw.port}" in result.out
     assert "web-01: up since" in result.out
     assert "writer  alice" in result.out
+    # Counted since the daemon started, and said so: the ring may hold earlier runs' output.
+    assert re.search(r"since the daemon started: read \d+ bytes; ring of \d+ bytes, \d+ written",
+                     result.out), result.out
     report = json.loads((await run_cli("status", "--json", *cfg(gw))).out)
     (web,) = report["vms"]
     assert web["up"] is True

@@ -510,3 +510,29 @@ async def test_missing_host_key_is_created_ed25519_0600(gw: Gateway) -> None:
     conn = await gw.connect(gw.users["alice"], "web-01")
     assert conn.get_server_host_key().public_data == key.public_data
     conn.close()
+
+
+async def test_a_port_that_opens_after_failing_says_so_in_the_log(
+        tmp_path: Path, users: dict[str, User], sockets: Callable[..., SocketVM]) -> None:
+    """A port whose open failed (its socket not there yet) logs port_recovered, with what it
+    said before, once it opens: a log read after an outage shows the console came back."""
+    vm = sockets("late.sock")
+    heard: list[dict[str, Any]] = []
+    recovered = asyncio.Event()
+
+    def listen(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        if event["event"] == "port_recovered" and event.get("vm") == "web-01":
+            heard.append(event)
+            recovered.set()
+        return event
+
+    with capture_logs(processors=[listen]):
+        async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                           grants=[(["alice"], ["*"], "owner")]) as g:
+            assert (g.console("web-01").down_reason or "").startswith("ENOENT")
+            await vm.start()
+            g.console("web-01").port.retry_now()
+            async with asyncio.timeout(WAIT):
+                await recovered.wait()
+            assert heard[0]["was"].startswith("ENOENT")
+            assert g.console("web-01").up
