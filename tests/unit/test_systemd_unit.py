@@ -70,7 +70,7 @@ def test_notify_service_basics() -> None:
     [
         ("User", "serialmux"),
         ("Group", "serialmux"),
-        ("SupplementaryGroups", "tty kvm"),
+        ("SupplementaryGroups", "kvm"),
         ("StateDirectory", "serialmux"),
         ("StateDirectoryMode", "0750"),
         ("RuntimeDirectory", "serialmux"),
