@@ -20,8 +20,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import asyncssh
-
 from . import session as session_mod
 from .access import Identity
 from .auth import Gate, Revocations, load_cas
@@ -36,7 +34,7 @@ from .port import VMPort
 from .ring import RecordKind, RingReader, RingWriter, Skipped
 from .rings import Rings
 from .sdnotify import Notifier
-from .sshd import start_listeners
+from .sshd import Listeners
 
 if TYPE_CHECKING:
     from .control import ControlServer
@@ -69,8 +67,7 @@ class Daemon:
         self.sessions: set[Session] = set()
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
-        self.acceptors: list[asyncssh.SSHAcceptor] = []
-        self.addresses: list[tuple[str, int]] = []
+        self.listeners = Listeners(self, lambda process: session_mod.handle(self, process))
         self.started = time.time()
         # What is disabled and why (serialmux.disabling): disabled.json and the config's switches.
         self.disabling = Disabling(self)
@@ -123,6 +120,11 @@ class Daemon:
         return revoked
 
     @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every bound SSH (host, port), in ``listen`` order."""
+        return self.listeners.addresses
+
+    @property
     def ssh_port(self) -> int:
         """The first bound SSH port (useful with port 0)."""
         return self.addresses[0][1]
@@ -149,10 +151,7 @@ class Daemon:
                     self.discovery.start()  # the first scan adds its consoles now
                     tg.create_task(self.discovery.run())
                 await self._wait_ports_tried()
-                self.acceptors = await start_listeners(
-                    self, lambda process: session_mod.handle(self, process))
-                self.addresses = [
-                    sock.getsockname()[:2] for a in self.acceptors for sock in a.sockets]
+                await self.listeners.start(self.config)
                 from .control import ControlServer
                 self.control = ControlServer(self)
                 self.control.bind()
@@ -210,7 +209,7 @@ class Daemon:
         log.info("stopping", sessions=len(self.sessions))
         if self.control is not None:
             self.control.close()
-        for acceptor in self.acceptors:
+        for acceptor in self.listeners.acceptors:
             acceptor.close()
         for console in self.consoles.values():
             console.close_all("serialmux is shutting down")
@@ -223,7 +222,7 @@ class Daemon:
         self.connections.close_all("serialmux is shutting down")
         if not await self.connections.wait_none_left(SHUTDOWN_GRACE):
             log.warning("connections_left_open", count=len(self.connections.servers))
-        for acceptor in self.acceptors:
+        for acceptor in self.listeners.acceptors:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SHUTDOWN_GRACE):
                     await acceptor.wait_closed()

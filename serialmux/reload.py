@@ -13,7 +13,12 @@ false closes that console's sessions
 (:meth:`~serialmux.disabling.Disabling.apply_config`). Then the plan is applied
 (a changed ``redact`` gets a new redactor; a changed ``[server] redact``
 applies to discovered consoles too): its steps wait on ports and disks, each
-bounded, and access never waits for them.
+bounded, and access never waits for them. Before those steps, the SSH listeners take
+the new host keys and ``[ssh]`` login and keepalive settings for the connections
+they accept from then on, and listen on the new ``[server] listen`` addresses only
+(:class:`~serialmux.sshd.Listeners`; the keys were loaded and the new
+addresses bound before anything changed, so a key or an address that fails
+rejects the reload).
 
 What reload leaves alone: a console whose ``[vms.NAME]`` did not change keeps
 its port, ring and sessions untouched (not a byte is lost or repeated). A
@@ -76,12 +81,9 @@ def plan_reload(old: Config, new: Config) -> Plan:
         elif before != vm:
             plan.updated.append(vm)
     plan.removed = [name for name in old.vms if name not in new.vms]
-    for name in ("listen", "host_keys", "state_dir", "runtime_dir", "audit_file", "enabled"):
+    for name in ("state_dir", "runtime_dir", "audit_file", "enabled"):
         if getattr(old.server, name) != getattr(new.server, name):
             plan.restart_needed.append(f"server.{name}")
-    for name in ("login_timeout", "keepalive_interval", "keepalive_count_max"):
-        if getattr(old.ssh, name) != getattr(new.ssh, name):
-            plan.restart_needed.append(f"ssh.{name}")
     if old.discovery != new.discovery:
         plan.restart_needed.append("discovery")
     return plan
@@ -129,6 +131,9 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
         # The trust roots follow the file too: a removed CA, a new revoked_keys path or a
         # changed CA file take effect now (read before anything changes: all or nothing).
         cas = await asyncio.to_thread(load_cas, new.ssh.user_ca_keys)
+        # Host keys and new listen addresses too: a key that does not load or an address
+        # that cannot be bound rejects the reload before anything has changed.
+        listening = await daemon.listeners.prepare(new)
     except ConfigError as exc:
         errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
         for error in errors:
@@ -163,6 +168,10 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
             session.att.on_closed(f"disconnected: {reason} (configuration reloaded)")
     kicked += daemon.connections.recheck_grants(new, "configuration reloaded")
     daemon.disabling.apply_config(old, [vm.name for vm in plan.reopened + plan.updated], who)
+    # The listeners next, still before anything waits: what prepare() bound is never
+    # left behind by a reload cancelled in a wait below.
+    for change in daemon.listeners.commit(listening):  # new connections get the new keys
+        log.info("reload_listen", change=change)
     for name in plan.removed:
         if name not in daemon.consoles:
             continue

@@ -25,7 +25,8 @@ import asyncio
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,8 @@ from .keys import normalise_address
 from .log import get_logger
 
 if TYPE_CHECKING:
+    from .config import Config
+    from .configtypes import Listen
     from .daemon import Daemon
 
 log = get_logger(__name__)
@@ -340,17 +343,123 @@ def server_of(process: asyncssh.SSHServerProcess[bytes]) -> GatewayServer:
     return owner
 
 
-async def start_listeners(
-    daemon: Daemon,
+class Listeners:
+    """The SSH listeners: one acceptor per ``[server] listen`` address, kept in step by reload.
+
+    A reload changes them in two steps, so that a config it rejects changes nothing:
+    :meth:`prepare` loads the new host keys and binds the added addresses (and raises
+    :class:`~serialmux.errors.ConfigError`, having closed what it bound, when it cannot);
+    :meth:`commit` then hands the new host keys and SSH options to every acceptor (they
+    apply to connections accepted from then on; asyncssh's ``SSHAcceptor.update``) and
+    stops listening on the removed addresses. Connections already made are not touched,
+    as with sshd.
+    """
+
+    def __init__(self, daemon: Daemon,
+                 handler: Callable[[asyncssh.SSHServerProcess[bytes]], Awaitable[None]]) -> None:
+        self._daemon = daemon
+        self._handler = handler
+        self._by_listen: dict[Listen, asyncssh.SSHAcceptor] = {}
+
+    @property
+    def acceptors(self) -> list[asyncssh.SSHAcceptor]:
+        """Every acceptor, in ``listen`` order."""
+        return list(self._by_listen.values())
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every bound (host, port), in ``listen`` order (a port 0 resolved)."""
+        return [sock.getsockname()[:2] for a in self._by_listen.values() for sock in a.sockets]
+
+    async def start(self, config: Config) -> None:
+        """Bind every configured listen address; return when all are listening."""
+        keys = [ensure_host_key(p) for p in config.server.host_keys]
+        self._by_listen = await self._bind(config, keys, config.server.listen)
+
+    async def prepare(self, config: Config) -> PendingListeners:
+        """Load *config*'s host keys and bind its new addresses; change nothing yet."""
+        try:
+            keys = await asyncio.to_thread(
+                lambda: [ensure_host_key(p) for p in config.server.host_keys])
+        except OSError as exc:
+            raise ConfigError(f"cannot load host key: {exc}", key="server.host_keys") from exc
+        added = [listen for listen in config.server.listen if listen not in self._by_listen]
+        try:
+            bound = await self._bind(config, keys, added)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen: {exc}", key="server.listen") from exc
+        return PendingListeners(config, keys, bound)
+
+    def commit(self, pending: PendingListeners) -> list[str]:
+        """Apply *pending*; return what changed, for the log and the audit trail."""
+        config = pending.config
+        options = _live_options(config, pending.keys)
+        changes = []
+        for listen, acceptor in list(self._by_listen.items()):
+            if listen in config.server.listen:
+                acceptor.update(**options)
+            else:
+                acceptor.close()  # its connections stay
+                del self._by_listen[listen]
+                changes.append(f"stopped listening on {listen}")
+        for listen, acceptor in pending.bound.items():
+            self._by_listen[listen] = acceptor
+            changes.append(f"listening on {listen}")
+        # Keep the configured order (the first address is the one status shows first).
+        self._by_listen = {listen: self._by_listen[listen] for listen in config.server.listen}
+        return changes
+
+    @staticmethod
+    def abort(pending: PendingListeners) -> None:
+        """Undo :meth:`prepare`: close what it bound."""
+        for acceptor in pending.bound.values():
+            acceptor.close()
+
+    async def _bind(self, config: Config, keys: list[asyncssh.SSHKey],
+                    listens: Iterable[Listen]) -> dict[Listen, asyncssh.SSHAcceptor]:
+        options = _server_options(config, self._handler, keys)
+        bound: dict[Listen, asyncssh.SSHAcceptor] = {}
+        try:
+            for listen in listens:
+                bound[listen] = await asyncssh.create_server(
+                    lambda: GatewayServer(self._daemon), listen.host, listen.port,
+                    reuse_address=True, **options)
+        except BaseException:
+            for acceptor in bound.values():
+                acceptor.close()
+            raise
+        return bound
+
+
+@dataclass
+class PendingListeners:
+    """What :meth:`Listeners.prepare` made ready for a reload: the new config's host keys
+    and acceptors bound on its new addresses."""
+
+    config: Config
+    keys: list[asyncssh.SSHKey]
+    bound: dict[Listen, asyncssh.SSHAcceptor]
+
+
+def _live_options(config: Config, keys: list[asyncssh.SSHKey]) -> dict[str, Any]:
+    """The options a reload may change on a running listener."""
+    ssh = config.ssh
+    return {
+        "server_host_keys": keys,
+        "login_timeout": ssh.login_timeout,
+        "keepalive_interval": ssh.keepalive_interval,
+        "keepalive_count_max": ssh.keepalive_count_max,
+    }
+
+
+def _server_options(
+    config: Config,
     handler: Callable[[asyncssh.SSHServerProcess[bytes]], Awaitable[None]],
-) -> list[asyncssh.SSHAcceptor]:
-    """Bind every configured listen address; return when all are listening."""
-    server = daemon.config.server
-    ssh = daemon.config.ssh
-    host_keys = [ensure_host_key(p) for p in server.host_keys]
-    acceptors: list[asyncssh.SSHAcceptor] = []
-    options: dict[str, Any] = {
-        "server_host_keys": host_keys,
+    keys: list[asyncssh.SSHKey],
+) -> dict[str, Any]:
+    """Every option an SSH listener is made with."""
+    return {
+        **_live_options(config, keys),
         "process_factory": handler,
         "encoding": None,
         "line_editor": False,
@@ -362,9 +471,6 @@ async def start_listeners(
         "kbdint_auth": False,
         "host_based_auth": False,
         "public_key_auth": True,
-        "login_timeout": ssh.login_timeout,
-        "keepalive_interval": ssh.keepalive_interval,
-        "keepalive_count_max": ssh.keepalive_count_max,
         "kex_algs": KEX_ALGS,
         "encryption_algs": ENCRYPTION_ALGS,
         "mac_algs": MAC_ALGS,
@@ -372,14 +478,3 @@ async def start_listeners(
         "signature_algs": SIG_ALGS,
         "server_version": "serialmux",
     }
-    try:
-        for listen in server.listen:
-            acceptor = await asyncssh.create_server(
-                lambda: GatewayServer(daemon), listen.host, listen.port,
-                reuse_address=True, **options)
-            acceptors.append(acceptor)
-    except BaseException:
-        for acceptor in acceptors:
-            acceptor.close()
-        raise
-    return acceptors

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -665,3 +666,79 @@ async def test_removing_a_vm_keeps_output_redaction_held_back(
     text = b"".join(r.payload for r in records if r.kind is RecordKind.OUTPUT)
     assert text.endswith(b"last words [redacted:secret] before the end")
     assert records[-1].kind is RecordKind.NOTE
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_reload_moves_the_listener_and_rotates_the_host_key_keeping_sessions(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """A reload that changes [server] listen and host_keys listens on the new address only,
+    with the new host key, while a session made before it keeps typing and reading; status
+    and the audit say so."""
+    assert gw.daemon is not None
+    old_port = gw.port
+    old_key = (await gw.connect(users["alice"], "web-01")).get_server_host_key()
+    c = await gw.attach(users["alice"], "web-01+replay=0")
+    await c.wait_out(b"(writer)")
+    new_port = free_port()
+    gw.config_path.write_text(gw.toml().replace(
+        'listen = ["127.0.0.1:0"]', f'listen = ["127.0.0.1:{new_port}"]').replace(
+        f'host_keys = ["{gw.tmp}/host_key"]', f'host_keys = ["{gw.tmp}/host_key_2"]'))
+    assert await gw.daemon.reload("test")
+    assert gw.daemon.addresses == [("127.0.0.1", new_port)]
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", old_port), WAIT)
+    conn = await asyncssh.connect("127.0.0.1", new_port, username="web-01",
+                                  client_keys=[users["alice"].key], known_hosts=None,
+                                  agent_path=None)
+    try:
+        new_key = conn.get_server_host_key()
+        assert new_key is not None
+        assert old_key is not None
+        assert new_key.public_data != old_key.public_data
+        assert (gw.tmp / "host_key_2").exists()
+        result = await conn.run("who", encoding=None)
+        assert b"alice" in result.stdout
+    finally:
+        conn.close()
+    c.send(b"still typing")  # the session from before the reload is untouched
+    await vm.wait_received(b"still typing")
+    vm.write(b"still reading\r\n")
+    await c.wait_out(b"still reading")
+    await gw.wait_audit("reload", result="ok")
+    status = json.loads((await run_cli("status", "--json", "--config", str(gw.config_path))).out)
+    assert status["listeners"] == [f"127.0.0.1:{new_port}"]
+
+
+@pytest.mark.parametrize("problem", ["address in use", "unreadable host key"])
+async def test_a_reload_whose_listener_or_host_key_fails_changes_nothing(
+        gw: Gateway, users: dict[str, User], problem: str) -> None:
+    """An added listen address that cannot be bound, or a host key that does not load,
+    rejects the whole reload: the old address and key still serve, and nothing else of
+    the new config (here: a new VM) was applied."""
+    assert gw.daemon is not None
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        text = gw.toml() + '[vms.web-09]\nport = "pty:/dev/pts/999"\n'
+        if problem == "address in use":
+            text = text.replace('listen = ["127.0.0.1:0"]',
+                                f'listen = ["127.0.0.1:0", "127.0.0.1:{busy}"]')
+        else:
+            (gw.tmp / "bad_key").write_text("not a key\n")
+            text = text.replace(f'host_keys = ["{gw.tmp}/host_key"]',
+                                f'host_keys = ["{gw.tmp}/bad_key"]')
+        gw.config_path.write_text(text)
+        assert not await gw.daemon.reload("test")
+    event = await gw.wait_audit("reload", result="failed")
+    assert ("cannot listen" if problem == "address in use" else "host key") in event["reason"]
+    assert "web-09" not in gw.daemon.consoles
+    assert len(gw.daemon.addresses) == 1
+    conn = await gw.connect(users["alice"], "web-01")  # the old listener, as it was
+    assert (await conn.run("who", encoding=None)).exit_status == 0
