@@ -307,10 +307,16 @@ def _load_server(ld: _Loader, t: Mapping[str, Any], base: Path) -> ServerConfig:
     for item in ld.string_list(t, "server", "listen") if "listen" in t else ():
         try:
             host, port = _split_host_port(item, what="listen address")
-            listen.append(Listen(host, port))
         except ValueError as exc:
             ld.error("server.listen", str(exc))
+            continue
+        if Listen(host, port) in listen:
+            ld.error("server.listen", f"{item!r} is listed twice")
+            continue
+        listen.append(Listen(host, port))
     host_keys = tuple(_resolve(base, k) for k in ld.string_list(t, "server", "host_keys"))
+    if len(set(host_keys)) != len(host_keys):
+        ld.error("server.host_keys", "a host key file is listed twice")
     state_dir = ld.typed(t, "server", "state_dir", str, None)
     runtime_dir = ld.typed(t, "server", "runtime_dir", str, None)
     audit_file = ld.typed(t, "server", "audit_file", str, None)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .access import Action, Identity, LoginRequest
-from .config import check_name
+from .config import Listen, check_name
 from .errors import ControlError, SerialmuxError, describe
 from .log import get_logger
 
@@ -493,5 +493,5 @@ def status_report(daemon: Daemon) -> dict[str, Any]:
     started = datetime.fromtimestamp(daemon.started, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"summary": daemon.summary(), "started": started, "pid": os.getpid(),
             "disabled": daemon.disabling.all_vms, "config": str(daemon.config.path),
-            "listeners": [f"{h}:{p}" for h, p in daemon.addresses],
+            "listeners": [str(Listen(h, p)) for h, p in daemon.addresses],
             "control": str(socket_path(daemon.config.server.runtime_dir)), "vms": vms}

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import session as session_mod
 from .access import Identity
 from .auth import Gate, Revocations, load_cas
-from .config import Config, VMConfig
+from .config import Config, Listen, VMConfig
 from .connections import Connections
 from .console import Console
 from .disabling import Disabling
@@ -161,10 +161,10 @@ class Daemon:
                 self._ready.set()
                 summary = self._last_status = self.summary()
                 self.notifier.ready(summary)
-                log.info("ready", listen=[f"{h}:{p}" for h, p in self.addresses],
+                log.info("ready", listen=[str(Listen(h, p)) for h, p in self.addresses],
                          consoles=len(self.consoles), status=summary)
                 self.audit.event("daemon_start", result="ok",
-                                 listen=",".join(f"{h}:{p}" for h, p in self.addresses))
+                                 listen=",".join(str(Listen(h, p)) for h, p in self.addresses))
                 await self._stop.wait()
                 await self._shutdown()
                 raise _Stop

@@ -16,9 +16,8 @@ applies to discovered consoles too): its steps wait on ports and disks, each
 bounded, and access never waits for them. Before those steps, the SSH listeners take
 the new host keys and ``[ssh]`` login and keepalive settings for the connections
 they accept from then on, and listen on the new ``[server] listen`` addresses only
-(:class:`~serialmux.sshd.Listeners`; the keys were loaded and the new
-addresses bound before anything changed, so a key or an address that fails
-rejects the reload).
+(:class:`~serialmux.sshd.Listeners`): whole or not at all, and a key or an address
+that fails keeps them as they were without holding back the rest of the reload.
 
 What reload leaves alone: a console whose ``[vms.NAME]`` did not change keeps
 its port, ring and sessions untouched (not a byte is lost or repeated). A
@@ -41,6 +40,7 @@ from .config import Config, ConfigErrors, Role, VMConfig, load_config
 from .errors import ConfigError
 from .log import get_logger
 from .redact import Redactor
+from .sshd import ListenerError, Listeners, PendingListeners
 
 if TYPE_CHECKING:
     from .console import Console
@@ -131,9 +131,6 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
         # The trust roots follow the file too: a removed CA, a new revoked_keys path or a
         # changed CA file take effect now (read before anything changes: all or nothing).
         cas = await asyncio.to_thread(load_cas, new.ssh.user_ca_keys)
-        # Host keys and new listen addresses too: a key that does not load or an address
-        # that cannot be bound rejects the reload before anything has changed.
-        listening = await daemon.listeners.prepare(new)
     except ConfigError as exc:
         errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
         for error in errors:
@@ -143,6 +140,27 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
         notifier.ready(f"{daemon.summary()}; reload rejected ({len(errors)} errors), "
                        "running the previous config")
         return False
+    # The listeners change whole or not at all, and never hold the rest back: a removed
+    # user must go even if a new address cannot be bound.
+    listening: PendingListeners | None = None
+    try:
+        listening = await daemon.listeners.prepare(new)
+        listeners = None
+    except ListenerError as exc:
+        listeners = f"kept as they were: {exc}"
+        log.error("reload_listeners_kept", reason=str(exc))
+    try:
+        return await _apply(daemon, new, cas, who, listening, listeners)
+    finally:
+        if listening is not None and not listening.committed:
+            Listeners.abort(listening)  # the reload ended early: nothing left listening
+
+
+async def _apply(daemon: Daemon, new: Config, cas: dict[bytes, str], who: str,
+                 listening: PendingListeners | None, listeners: str | None) -> bool:
+    """Apply a loaded config (the second half of :func:`reload_daemon`)."""
+    notifier = daemon.notifier
+    path = new.path
     plan = plan_reload(daemon.config, new)
     old = daemon.config
     daemon.config = new
@@ -168,10 +186,14 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
             session.att.on_closed(f"disconnected: {reason} (configuration reloaded)")
     kicked += daemon.connections.recheck_grants(new, "configuration reloaded")
     daemon.disabling.apply_config(old, [vm.name for vm in plan.reopened + plan.updated], who)
-    # The listeners next, still before anything waits: what prepare() bound is never
-    # left behind by a reload cancelled in a wait below.
-    for change in daemon.listeners.commit(listening):  # new connections get the new keys
-        log.info("reload_listen", change=change)
+    # The listeners next, before anything waits (a shutdown that began meanwhile has
+    # closed them all: what prepare() bound is then closed too, by the caller).
+    if listening is not None and not daemon.stopping:
+        listening.committed = True
+        changes = daemon.listeners.commit(listening)  # new connections get the new keys
+        listeners = "; ".join(changes) or "new host keys and [ssh] settings for new connections"
+        for change in changes:
+            log.info("reload_listen", change=change)
     for name in plan.removed:
         if name not in daemon.consoles:
             continue
@@ -210,7 +232,7 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
         log.warning("reload_needs_restart", setting=setting,
                     hint="this setting takes effect when serialmux restarts")
     daemon.audit.event("reload", user=who, path=str(path), result="ok",
-                       changes=plan.describe(), disconnected=kicked,
+                       changes=plan.describe(), listeners=listeners, disconnected=kicked,
                        restart_needed=",".join(plan.restart_needed) or None)
     log.info("reloaded", changes=plan.describe(), disconnected=kicked)
     notifier.ready(daemon.summary())

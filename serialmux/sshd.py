@@ -35,7 +35,7 @@ import asyncssh
 from .access import Identity
 from .auth import CertRefused, check_certificate, is_certificate
 from .connections import Credential
-from .errors import ConfigError
+from .errors import ConfigError, SerialmuxError
 from .keys import normalise_address
 from .log import get_logger
 
@@ -343,16 +343,20 @@ def server_of(process: asyncssh.SSHServerProcess[bytes]) -> GatewayServer:
     return owner
 
 
+class ListenerError(SerialmuxError):
+    """The listeners cannot take a new configuration; they stay as they are."""
+
+
 class Listeners:
     """The SSH listeners: one acceptor per ``[server] listen`` address, kept in step by reload.
 
-    A reload changes them in two steps, so that a config it rejects changes nothing:
-    :meth:`prepare` loads the new host keys and binds the added addresses (and raises
-    :class:`~serialmux.errors.ConfigError`, having closed what it bound, when it cannot);
-    :meth:`commit` then hands the new host keys and SSH options to every acceptor (they
-    apply to connections accepted from then on; asyncssh's ``SSHAcceptor.update``) and
-    stops listening on the removed addresses. Connections already made are not touched,
-    as with sshd.
+    A reload changes them in two steps, so that they change whole or not at all:
+    :meth:`prepare` loads the new host keys, checks them with the new options as asyncssh
+    will use them, and binds the added addresses; it raises :class:`ListenerError`
+    (having closed what it bound) when any of that fails. :meth:`commit` then hands the
+    new keys and SSH options to every acceptor (they apply to connections accepted from
+    then on; asyncssh's ``SSHAcceptor.update``) and stops listening on the removed
+    addresses. Connections already made keep what they were made with, as with sshd.
     """
 
     def __init__(self, daemon: Daemon,
@@ -374,6 +378,10 @@ class Listeners:
     async def start(self, config: Config) -> None:
         """Bind every configured listen address; return when all are listening."""
         keys = [ensure_host_key(p) for p in config.server.host_keys]
+        try:
+            _check_options(config, self._handler, keys)
+        except ListenerError as exc:
+            raise ConfigError(str(exc), key="server.host_keys") from exc
         self._by_listen = await self._bind(config, keys, config.server.listen)
 
     async def prepare(self, config: Config) -> PendingListeners:
@@ -381,13 +389,17 @@ class Listeners:
         try:
             keys = await asyncio.to_thread(
                 lambda: [ensure_host_key(p) for p in config.server.host_keys])
-        except OSError as exc:
-            raise ConfigError(f"cannot load host key: {exc}", key="server.host_keys") from exc
+        except (OSError, ConfigError) as exc:
+            raise ListenerError(f"cannot load the host keys: {exc}") from exc
+        _check_options(config, self._handler, keys)
         added = [listen for listen in config.server.listen if listen not in self._by_listen]
         try:
             bound = await self._bind(config, keys, added)
         except OSError as exc:
-            raise ConfigError(f"cannot listen: {exc}", key="server.listen") from exc
+            moved = {port for _, port in self.addresses} & {a.port for a in added}
+            hint = (f"; moving port {min(moved)} to another address takes a restart"
+                    if moved else "")
+            raise ListenerError(f"cannot listen: {exc}{hint}") from exc
         return PendingListeners(config, keys, bound)
 
     def commit(self, pending: PendingListeners) -> list[str]:
@@ -397,7 +409,7 @@ class Listeners:
         changes = []
         for listen, acceptor in list(self._by_listen.items()):
             if listen in config.server.listen:
-                acceptor.update(**options)
+                acceptor.update(**options)  # checked by prepare(): it cannot refuse them
             else:
                 acceptor.close()  # its connections stay
                 del self._by_listen[listen]
@@ -431,6 +443,18 @@ class Listeners:
         return bound
 
 
+def _check_options(
+    config: Config,
+    handler: Callable[[asyncssh.SSHServerProcess[bytes]], Awaitable[None]],
+    keys: list[asyncssh.SSHKey],
+) -> None:
+    """Raise ListenerError if asyncssh would refuse these options (two keys of one type)."""
+    try:
+        asyncssh.SSHServerConnectionOptions(**_server_options(config, handler, keys))
+    except (ValueError, TypeError) as exc:
+        raise ListenerError(f"the host keys cannot be used: {exc}") from exc
+
+
 @dataclass
 class PendingListeners:
     """What :meth:`Listeners.prepare` made ready for a reload: the new config's host keys
@@ -439,6 +463,7 @@ class PendingListeners:
     config: Config
     keys: list[asyncssh.SSHKey]
     bound: dict[Listen, asyncssh.SSHAcceptor]
+    committed: bool = False  # set by the reload as it commits: what is bound is then kept
 
 
 def _live_options(config: Config, keys: list[asyncssh.SSHKey]) -> dict[str, Any]:

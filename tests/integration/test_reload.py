@@ -715,13 +715,16 @@ async def test_reload_moves_the_listener_and_rotates_the_host_key_keeping_sessio
     assert status["listeners"] == [f"127.0.0.1:{new_port}"]
 
 
-@pytest.mark.parametrize("problem", ["address in use", "unreadable host key"])
-async def test_a_reload_whose_listener_or_host_key_fails_changes_nothing(
+@pytest.mark.parametrize("problem", ["address in use", "unreadable host key",
+                                     "two keys of one type", "port moved"])
+async def test_listeners_that_cannot_take_a_reload_stay_as_they_were(
         gw: Gateway, users: dict[str, User], problem: str) -> None:
-    """An added listen address that cannot be bound, or a host key that does not load,
-    rejects the whole reload: the old address and key still serve, and nothing else of
-    the new config (here: a new VM) was applied."""
+    """An added listen address that cannot be bound (in use, or the same port moved to
+    another address), or host keys that do not load or that asyncssh would refuse (two of
+    one type), keep the listeners whole as they were: the old address and key still serve,
+    the audit says why, and the rest of the reload (here: a new VM) is applied all the same."""
     assert gw.daemon is not None
+    old_key = (await gw.connect(users["alice"], "web-01")).get_server_host_key()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -730,15 +733,27 @@ async def test_a_reload_whose_listener_or_host_key_fails_changes_nothing(
         if problem == "address in use":
             text = text.replace('listen = ["127.0.0.1:0"]',
                                 f'listen = ["127.0.0.1:0", "127.0.0.1:{busy}"]')
-        else:
+        elif problem == "port moved":
+            text = text.replace('listen = ["127.0.0.1:0"]', f'listen = ["0.0.0.0:{gw.port}"]')
+        elif problem == "unreadable host key":
             (gw.tmp / "bad_key").write_text("not a key\n")
             text = text.replace(f'host_keys = ["{gw.tmp}/host_key"]',
                                 f'host_keys = ["{gw.tmp}/bad_key"]')
+        else:
+            text = text.replace(f'host_keys = ["{gw.tmp}/host_key"]',
+                                f'host_keys = ["{gw.tmp}/host_key", "{gw.tmp}/other_key"]')
         gw.config_path.write_text(text)
-        assert not await gw.daemon.reload("test")
-    event = await gw.wait_audit("reload", result="failed")
-    assert ("cannot listen" if problem == "address in use" else "host key") in event["reason"]
-    assert "web-09" not in gw.daemon.consoles
+        assert await gw.daemon.reload("test")
+    event = await gw.wait_audit("reload", result="ok")
+    assert event["listeners"].startswith("kept as they were: "), event
+    assert {"address in use": "cannot listen", "port moved": "takes a restart",
+            "unreadable host key": "cannot load the host keys",
+            "two keys of one type": "cannot be used"}[problem] in event["listeners"]
+    assert "web-09" in gw.daemon.consoles  # the rest of the reload was applied
     assert len(gw.daemon.addresses) == 1
     conn = await gw.connect(users["alice"], "web-01")  # the old listener, as it was
     assert (await conn.run("who", encoding=None)).exit_status == 0
+    new_key = conn.get_server_host_key()
+    assert new_key is not None
+    assert old_key is not None
+    assert new_key.public_data == old_key.public_data

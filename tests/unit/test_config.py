@@ -78,6 +78,7 @@ def test_penalty_exempt_takes_addresses_and_networks(tmp_path: Path) -> None:
     ("[ssh]\npenalty_noauth = -1\n", "10: ssh.penalty_noauth"),
     ('[ssh]\nlogin_timout = 3\n', "10: ssh.login_timout"),
     ('[server.x]\n', "9: server.x"),
+
     ('[discovery]\ndir = "/run/serialmux/vms"\nlibvirt = "qemu:///system"\n',
      "11: discovery.libvirt: is not a key"),
 ])
@@ -85,6 +86,20 @@ def test_ssh_errors_name_line_and_key(tmp_path: Path, snippet: str, where: str) 
     """Bad [ssh] values are reported as FILE:LINE: KEY: message."""
     path = write(tmp_path, BASE + snippet)
     with pytest.raises(ConfigError, match=rf"{path}:{where}:"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(("server", "says"), [
+    ('listen = ["127.0.0.1:0", "127.0.0.1:0"]', "server.listen: '127.0.0.1:0' is listed twice"),
+    ('listen = ["127.0.0.1:0"]\nhost_keys = ["/k", "/k"]',
+     "server.host_keys: a host key file is listed twice"),
+])
+def test_a_listen_address_or_host_key_listed_twice_is_refused(
+        tmp_path: Path, server: str, says: str) -> None:
+    """The same listen address or host key file twice is a load error (two listeners on
+    one port 0, or two keys of one type, are never what was meant)."""
+    path = write(tmp_path, BASE.replace('listen = ["127.0.0.1:0"]', server))
+    with pytest.raises(ConfigError, match=says):
         load_config(path)
 
 
