@@ -61,12 +61,22 @@ def serve(config_path: str, log_level: str) -> None:
     log.configure(log_level)
     try:
         run(lambda: Daemon(config).serve())
-    except SerialmuxError as exc:
-        click.echo(f"serialmux: {exc}", err=True)
+    except (SerialmuxError, OSError, BaseExceptionGroup) as exc:
+        # Start-up failures arrive wrapped in the daemon's TaskGroup: say each, no traceback.
+        leaves = _leaves(exc)
+        if not all(isinstance(e, SerialmuxError | OSError) for e in leaves):
+            raise
+        for error in leaves:
+            cause = "" if isinstance(error, SerialmuxError) else "cannot start: "
+            click.echo(f"serialmux: {cause}{error}", err=True)
         sys.exit(1)
-    except OSError as exc:
-        click.echo(f"serialmux: cannot start: {exc}", err=True)
-        sys.exit(1)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside *exc*, exception groups flattened."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 @main.command()

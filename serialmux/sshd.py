@@ -452,7 +452,10 @@ def _check_options(
     try:
         asyncssh.SSHServerConnectionOptions(**_server_options(config, handler, keys))
     except (ValueError, TypeError) as exc:
-        raise ListenerError(f"the host keys cannot be used: {exc}") from exc
+        why = str(exc)
+        if why.startswith("Multiple keys of type "):  # asyncssh names an option we do not set
+            why = f"more than one {why.split()[4].rstrip(':')} key; list one host key per type"
+        raise ListenerError(f"the host keys cannot be used: {why}") from exc
 
 
 @dataclass
