@@ -178,7 +178,10 @@ class Daemon:
                 self.discovery.close()
             self._remove_signals()
             self.rings.close_all()
-            self.audit.event("daemon_stop", result="ok")
+            if self._ready.is_set():
+                self.audit.event("daemon_stop", result="ok")
+            else:  # it never served: say so, not "stopped ok"
+                self.audit.event("daemon_start", result="failed")
             if self._owns_audit:
                 self.audit.close()
 

@@ -193,3 +193,6 @@ def test_serve_that_cannot_start_says_why_without_a_traceback(
     assert status == 1, err
     assert says in err
     assert "Traceback" not in err + out
+    # It never served: the audit says the start failed, not that the daemon stopped ok.
+    assert re.search(r'"result": "failed", "event": "daemon_start"', out), out
+    assert '"daemon_stop"' not in out
