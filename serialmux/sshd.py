@@ -448,14 +448,11 @@ def _check_options(
     handler: Callable[[asyncssh.SSHServerProcess[bytes]], Awaitable[None]],
     keys: list[asyncssh.SSHKey],
 ) -> None:
-    """Raise ListenerError if asyncssh would refuse these options (two keys of one type)."""
+    """Raise ListenerError if asyncssh would refuse these options."""
     try:
         asyncssh.SSHServerConnectionOptions(**_server_options(config, handler, keys))
     except (ValueError, TypeError) as exc:
-        why = str(exc)
-        if why.startswith("Multiple keys of type "):  # asyncssh names an option we do not set
-            why = f"more than one {why.split()[4].rstrip(':')} key; list one host key per type"
-        raise ListenerError(f"the host keys cannot be used: {why}") from exc
+        raise ListenerError(f"the host keys cannot be used: {exc}") from exc
 
 
 @dataclass
@@ -488,6 +485,10 @@ def _server_options(
     """Every option an SSH listener is made with."""
     return {
         **_live_options(config, keys),
+        # As sshd does: every host key is announced (hostkeys-00@openssh.com), so OpenSSH
+        # clients (UpdateHostKeys) learn a new key listed after the one in use before the
+        # old one goes. It also allows more than one key of a type: the first is used.
+        "send_server_host_keys": True,
         "process_factory": handler,
         "encoding": None,
         "line_editor": False,
