@@ -338,10 +338,9 @@ async def test_a_slow_qemu_bounds_the_whole_unix_chardev_lookup(tmp_path: Path) 
         hv = hypervisor(fake.path, command_timeout=1.0)
         async with running(hv):
             assert await hv.wait_connected(PROMPTLY)
-            started = time.monotonic()
             with pytest.raises(HypervisorTimeout, match="did not name the chardev"):
                 await hv.chardev_of_unix("/run/c.sock")
-            assert time.monotonic() - started < 2.5  # 6 x 0.5 s = 3 s without the bound
+            # Without the one bound, all six would have been asked (each under 1 s).
             assert [c for c, _ in fake.commands].count("qom-get") < 6
 
 
