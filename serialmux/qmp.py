@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import re
@@ -56,6 +55,7 @@ from qemu.qmp.protocol import ConnectError, Runstate
 from qemu.qmp.qmp_client import BadReplyError, GreetingError, NegotiationError
 
 from serialmux.errors import HypervisorError, HypervisorTimeout, HypervisorUnavailable
+from serialmux.keys import normalise_address
 from serialmux.log import get_logger
 
 #: Longest QMP message accepted; QEMU's replies to our commands are a few KiB at most.
@@ -400,13 +400,13 @@ class Hypervisor:
         """The label of the TCP chardev connected to our end *host*:*port*: QEMU names a
         connected one ``tcp:LOCAL,server=on <-> PEER``, PEER being our end (as an
         IPv4-mapped address when QEMU listens on ``::``)."""
-        want = (_address(host), port)
+        want = (normalise_address(host), port)
 
         def matches(filename: str) -> bool:
             _, sep, peer = filename.rpartition(" <-> ")
             peer_host, _, peer_port = peer.rpartition(":")
             return (filename.startswith("tcp:") and bool(sep) and peer_port.isdigit()
-                    and (_address(peer_host.strip("[]")), int(peer_port)) == want)
+                    and (normalise_address(peer_host), int(peer_port)) == want)
 
         return await self._one_chardev(matches)
 
@@ -431,17 +431,6 @@ class Hypervisor:
 def _same_path(path: str, wants: set[str]) -> bool:
     """Whether QEMU's *path* is one of *wants* (absolute, no NUL, normalised as written)."""
     return path.startswith("/") and "\0" not in path and os.path.normpath(path) in wants
-
-
-def _address(host: str) -> str:
-    """*host* as a canonical IP address string (IPv4-mapped IPv6 as IPv4); else as given."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 def _quote(reply: object) -> str:
