@@ -220,6 +220,11 @@ class ServerConfig:
     ring_sync: str = "fdatasync"
 
 
+#: The discovery directory's names: ``NAME.serial`` (the console) and ``NAME.qmp`` (its QMP).
+SERIAL_SUFFIX = ".serial"
+QMP_SUFFIX = ".qmp"
+
+
 @dataclass(frozen=True, slots=True)
 class DiscoveryConfig:
     """The ``[discovery]`` table: VMs found as ``NAME.serial`` (+ ``NAME.qmp``) in a directory."""

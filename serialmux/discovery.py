@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import DiscoveryConfig, PortKind, PortSpec, VMConfig, check_name
+from .configtypes import QMP_SUFFIX, SERIAL_SUFFIX
 from .control import admin_gid, socket_path
 from .errors import SerialmuxError
 from .log import get_logger
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-SERIAL_SUFFIX = ".serial"
-QMP_SUFFIX = ".qmp"
 
 # <sys/inotify.h>
 IN_ATTRIB = 0x00000004

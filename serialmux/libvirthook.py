@@ -33,7 +33,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from .configtypes import check_name
+from .configtypes import QMP_SUFFIX, SERIAL_SUFFIX, check_name
 
 #: Operations after which the domain's QEMU runs (with its live XML on stdin).
 LINK = frozenset({"started", "reconnect", "attach"})
@@ -41,8 +41,6 @@ LINK = frozenset({"started", "reconnect", "attach"})
 UNLINK = frozenset({"stopped", "release"})
 #: The most of stdin read: a domain's XML is some KiB, a huge one is not libvirt's.
 MAX_XML = 4 * 1024 * 1024
-SERIAL_SUFFIX = ".serial"
-QMP_SUFFIX = ".qmp"
 _QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
 _PTY = re.compile(r"/dev/pts/[0-9]+")
 #: Linux's PTY slave majors (UNIX98_PTY_SLAVE_MAJOR and the 7 after it).
