@@ -152,8 +152,8 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
     try:
         return await _apply(daemon, new, cas, who, listening, listeners)
     finally:
-        if listening is not None and not listening.committed:
-            Listeners.abort(listening)  # the reload ended early: nothing left listening
+        if listening is not None:
+            Listeners.abort(listening)  # if the reload ended early: nothing left listening
 
 
 async def _apply(daemon: Daemon, new: Config, cas: dict[bytes, str], who: str,
@@ -189,7 +189,6 @@ async def _apply(daemon: Daemon, new: Config, cas: dict[bytes, str], who: str,
     # The listeners next, before anything waits (a shutdown that began meanwhile has
     # closed them all: what prepare() bound is then closed too, by the caller).
     if listening is not None and not daemon.stopping:
-        listening.committed = True
         changes = daemon.listeners.commit(listening)  # new connections get the new keys
         listeners = "; ".join(changes) or "new host keys and [ssh] settings for new connections"
         for change in changes:

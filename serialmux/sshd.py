@@ -404,6 +404,7 @@ class Listeners:
 
     def commit(self, pending: PendingListeners) -> list[str]:
         """Apply *pending*; return what changed, for the log and the audit trail."""
+        pending.committed = True
         config = pending.config
         options = _live_options(config, pending.keys)
         changes = []
@@ -423,7 +424,9 @@ class Listeners:
 
     @staticmethod
     def abort(pending: PendingListeners) -> None:
-        """Undo :meth:`prepare`: close what it bound."""
+        """Undo :meth:`prepare` unless committed: close what it bound."""
+        if pending.committed:
+            return
         for acceptor in pending.bound.values():
             acceptor.close()
 
@@ -463,7 +466,7 @@ class PendingListeners:
     config: Config
     keys: list[asyncssh.SSHKey]
     bound: dict[Listen, asyncssh.SSHAcceptor]
-    committed: bool = False  # set by the reload as it commits: what is bound is then kept
+    committed: bool = False  # by Listeners.commit: what is bound is then kept
 
 
 def _live_options(config: Config, keys: list[asyncssh.SSHKey]) -> dict[str, Any]:
