@@ -202,6 +202,12 @@ class Console:
 
     # -- PortSink ---------------------------------------------------------------
 
+    def use_config(self, vm: VMConfig) -> None:
+        """Take *vm*, whose port is this console's, in place: the console and its port read
+        their settings from it from now on (nothing is reopened)."""
+        self.vm = vm
+        self.port.vm = vm
+
     def port_data(self, data: bytes) -> None:
         """Guest output: to the live backlog (and the sessions caught up with it), then
         to the ring (the record, redacted); both before the next loop step."""

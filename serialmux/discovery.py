@@ -267,8 +267,7 @@ class Discovery:
             if console is None or vm.redact == rules:
                 continue
             vm = self.vms[name] = replace(vm, redact=rules)
-            console.vm = vm
-            console.port.vm = vm
+            console.use_config(vm)
             changed.append(vm)
         return changed
 

@@ -215,9 +215,7 @@ async def _apply(daemon: Daemon, new: Config, cas: dict[bytes, str], who: str,
         else:
             await daemon.add_console(vm)
     for vm in plan.updated:
-        console = daemon.consoles[vm.name]
-        console.vm = vm
-        console.port.vm = vm
+        daemon.consoles[vm.name].use_config(vm)
     for vm in plan.reopened + plan.updated:
         before = old.vms.get(vm.name)
         if before is not None and before.redact != vm.redact:
