@@ -131,6 +131,19 @@ async def run_command(client: Client, command: bytes, answer: re.Pattern[bytes])
     await wait_out_after(client, mark, answer, GUEST)
 
 
+async def break_then_sysrq_help(rig: Rig) -> Client:
+    """Type ^] b then h in a new session: the BREAK goes through QMP chardev-send-break on
+    serial0, the kernel takes h as SysRq and prints its help; the action is audited."""
+    client = await rig.attach()
+    mark = len(client.out)
+    client.send(b"\x1dbh")
+    await wait_out_after(client, mark, b"BREAK sent to web-01 (QMP chardev-send-break serial0)",
+                         GUEST)
+    await wait_out_after(client, mark, b"sysrq: HELP", GUEST)
+    await rig.gw.wait_audit("command", action="break", result="ok", user="alice")
+    return client
+
+
 # --------------------------------------------------------------------------- telnet socket
 
 
@@ -358,13 +371,7 @@ class TestPtyFollowedByQmp:
     async def test_break_on_a_pty_is_a_real_serial_break_through_qmp(self, pty_rig: Rig) -> None:
         """^] b then h on a QEMU PTY (which cannot carry a BREAK): QMP chardev-send-break puts
         one on the guest's UART, so the kernel takes h as SysRq; `break` over SSH says how."""
-        client = await pty_rig.attach()
-        mark = len(client.out)
-        client.send(b"\x1dbh")
-        await wait_out_after(client, mark, b"BREAK sent to web-01 (QMP chardev-send-break serial0)",
-                             GUEST)
-        await wait_out_after(client, mark, b"sysrq: HELP", GUEST)
-        await pty_rig.gw.wait_audit("command", action="break", result="ok", user="alice")
+        client = await break_then_sysrq_help(pty_rig)
         status, out, err = await pty_rig.exec("break")
         assert status == 0, err
         assert b"(QMP chardev-send-break serial0)" in out
@@ -512,10 +519,4 @@ class TestListenUnix:
             await client.wait_out(b"web-01 console is up", GUEST)
             await listen_rig.guest.cont()
             await client.wait_out(PROMPT, BOOT)
-        client = await listen_rig.attach()
-        mark = len(client.out)
-        client.send(b"\x1dbh")
-        await wait_out_after(client, mark, b"BREAK sent to web-01 (QMP chardev-send-break serial0)",
-                             GUEST)
-        await wait_out_after(client, mark, b"sysrq: HELP", GUEST)
-        await listen_rig.gw.wait_audit("command", action="break", result="ok", user="alice")
+        await break_then_sysrq_help(listen_rig)
