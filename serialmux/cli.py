@@ -60,7 +60,7 @@ def serve(config_path: str, log_level: str) -> None:
     config = _load(config_path)
     log.configure(log_level)
     try:
-        run(lambda: Daemon(config).serve())
+        run(lambda: Daemon(config, freeze_heap=True).serve())
     except (SerialmuxError, OSError, BaseExceptionGroup) as exc:
         # Start-up failures arrive wrapped in the daemon's TaskGroup: say each, no traceback.
         leaves = _leaves(exc)

@@ -28,6 +28,7 @@ from .connections import Connections
 from .console import Console
 from .disabling import Disabling
 from .errors import SerialmuxError
+from .heap import Heap
 from .log import Audit, get_logger
 from .mfa import TotpStore
 from .port import VMPort
@@ -58,7 +59,7 @@ class Daemon:
     """A running serialmux: consoles, listeners and sessions under one TaskGroup."""
 
     def __init__(self, config: Config, *, audit: Audit | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, freeze_heap: bool = False) -> None:
         self.config = config
         self._owns_audit = audit is None
         self.audit = audit or Audit(config.server.audit_file)
@@ -92,6 +93,8 @@ class Daemon:
         self.discovery: Discovery | None = None
         self.changes = asyncio.Lock()  # one reload or discovery change at a time
         self._last_status = ""
+        # gc.freeze() once ready, so full collections skip the consoles (serialmux.heap).
+        self.heap = Heap(enabled=freeze_heap)
 
     # -- public ------------------------------------------------------------------
 
@@ -165,6 +168,7 @@ class Daemon:
                          consoles=len(self.consoles), status=summary)
                 self.audit.event("daemon_start", result="ok",
                                  listen=",".join(str(Listen(h, p)) for h, p in self.addresses))
+                self.heap.freeze()
                 await self._stop.wait()
                 await self._shutdown()
                 raise _Stop
@@ -172,6 +176,7 @@ class Daemon:
             pass
         finally:
             self._tasks = None
+            self.heap.close()
             if self.control is not None:
                 self.control.close()
             if self.discovery is not None:
@@ -286,6 +291,7 @@ class Daemon:
         ring, console.ring = console.ring, None
         if ring is not None:
             await self.rings.close(name, ring, RecordKind.NOTE, f"console removed: {reason}")
+        self.heap.released()
         self.status_changed()
 
     async def reopen_console(self, vm: VMConfig) -> None:
@@ -302,6 +308,7 @@ class Daemon:
         console.vm = vm
         console.port = VMPort(vm, console)
         console.hypervisor = None
+        self.heap.released()  # the old port and hypervisor
         if vm.qmp:
             self._add_hypervisor(console, vm.qmp)
         assert self._tasks is not None

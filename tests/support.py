@@ -184,6 +184,7 @@ class Gateway:
     grants: list[tuple[list[str], list[str], str]]  # (users, vm globs, role)
     extra: str = ""
     vm_extra: dict[str, str] = field(default_factory=dict)
+    freeze_heap: bool = False  # as `serialmux serve` runs it (serialmux.heap)
     daemon: Daemon | None = None
     _task: asyncio.Task[None] | None = None
     audit_events: list[dict[str, Any]] = field(default_factory=list)
@@ -199,7 +200,7 @@ class Gateway:
 
     async def start(self) -> Gateway:
         self.config_path.write_text(self.toml())
-        self.daemon = Daemon(load_config(self.config_path))
+        self.daemon = Daemon(load_config(self.config_path), freeze_heap=self.freeze_heap)
         self._audit_changed = asyncio.Event()
 
         def listen(record: dict[str, Any]) -> None:

@@ -119,7 +119,8 @@ async def ssh_port(conf: Path) -> int:
 async def test_notify_sequence_watchdog_reload_and_stop(
         service: tuple[asyncio.subprocess.Process, Path, PtyVM, User], manager: Manager,
         tmp_path: Path) -> None:
-    """STATUS, READY (listeners bound), STATUS on attach, RELOADING→READY, STOPPING; exit 0."""
+    """STATUS, READY (listeners bound), STATUS on attach, RELOADING→READY, STOPPING; exit 0;
+    the heap frozen once ready (serialmux.heap)."""
     proc, conf, _vm, alice = service
     ready = await manager.wait_for("READY", "1", timeout=30)
     # READY=1 only once the control socket and the SSH listener are there.
@@ -162,6 +163,7 @@ async def test_notify_sequence_watchdog_reload_and_stop(
     with RingReader(tmp_path / "state" / "rings" / "web-01.ring") as reader:
         kinds = [r.kind for r in reader.records() if not isinstance(r, Skipped)]
     assert kinds[-1] is RecordKind.DAEMON_STOP
+    assert "heap_frozen" in (tmp_path / "daemon.log").read_text()
 
 
 async def test_watchdog_pings_at_half_the_interval(
