@@ -405,6 +405,7 @@ class VMPort:
         self.description = str(self.spec)
         self.last_error: str | None = None
         self._pty_seen: tuple[int, int] | None = None  # the PTY a pty: path first named
+        self._refusing_reused = False  # the path names another PTY now; a reload accepts it
 
     def set_pty_resolver(self, resolve: Callable[[], Awaitable[str | None]]) -> None:
         """Give a ``qmp:`` port the function that asks QEMU for its PTY path."""
@@ -438,6 +439,18 @@ class VMPort:
         """Skip the current backoff wait (e.g. the hypervisor says the VM started)."""
         self._retry_now.set()
 
+    def accept_reused_pty(self) -> bool:
+        """A reload confirmed the configured path: attach to the PTY there now, although
+        its number was reused since the port last had it (the VM restarted and got its
+        old number back). True when the port was refusing one."""
+        if not self._refusing_reused:
+            return False
+        self._refusing_reused = False
+        self._pty_seen = None
+        log.info("port_reused_pty_accepted", vm=self.vm.name, port=self.description)
+        self.retry_now()
+        return True
+
     async def run(self) -> None:
         """Open, read until lost, back off, repeat; until cancelled."""
         backoff = BACKOFF_FIRST
@@ -452,7 +465,7 @@ class VMPort:
             except (OSError, termios.error, serial.SerialException, _NotReady) as exc:
                 # termios.error is not an OSError: pyserial's tcsetattr raises it
                 # when the PTY closes while the port is being opened.
-                self._open_failed(describe(exc) + self._denied_hint(exc))
+                self._open_failed(self._open_failure(exc))
             else:
                 self.tried.set()
                 if self.last_error is not None:  # it said it could not: say it can now
@@ -479,6 +492,13 @@ class VMPort:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._retry_now.wait(), delay)
         return min(delay * 2, BACKOFF_MAX)
+
+    def _open_failure(self, exc: BaseException) -> str:
+        """Why an open failed, naming what was opened: an OS error alone does not say."""
+        reason = describe(exc) + self._denied_hint(exc)
+        if isinstance(exc, OSError):
+            return f"{exc.filename or self.description}: {reason}"
+        return reason
 
     def _denied_hint(self, exc: BaseException) -> str:
         """What to do when a PTY or tty refused the daemon (EACCES), else ""."""
@@ -512,14 +532,15 @@ class VMPort:
                 path = resolved
                 self.description = f"qmp:{spec.path} ({path})"
             if not os.path.exists(path):
-                raise FileNotFoundError(errno.ENOENT, "no such device", path)
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
             identity = _pty_identity(path) if spec.kind is PortKind.PTY else None
             if self._pty_seen is not None and identity is not None \
                     and identity != self._pty_seen:
+                self._refusing_reused = True
                 raise _NotReady(
-                    f"{path} is now a different PTY (the VM's PTY closed and its number was "
-                    "reused): not attaching another VM's console; use port = \"qmp:serial0\" "
-                    "or a symlink kept by the VM's tooling, or reload with the new path")
+                    f"{path} is a different PTY now (its number was reused): not attaching, "
+                    "it may be another VM's; if it is this VM's again, `serialmux reload` "
+                    "attaches it")
             # Opening a PTY or tty with O_NONBLOCK does not block: no thread hop,
             # which keeps start-up fast with thousands of consoles.
             port = _DirectSerial(path, baudrate=self.vm.baud, bytesize=8, parity="N",

@@ -529,10 +529,22 @@ async def test_a_port_that_opens_after_failing_says_so_in_the_log(
     with capture_logs(processors=[listen]):
         async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
                            grants=[(["alice"], ["*"], "owner")]) as g:
-            assert (g.console("web-01").down_reason or "").startswith("ENOENT")
+            # The reason names what could not be opened: "unix:PATH: ENOENT: ...".
+            assert g.console("web-01").down_reason == \
+                f"unix:{vm.path}: ENOENT: No such file or directory"
             await vm.start()
             g.console("web-01").port.retry_now()
             async with asyncio.timeout(WAIT):
                 await recovered.wait()
-            assert heard[0]["was"].startswith("ENOENT")
+            assert "ENOENT" in heard[0]["was"]
             assert g.console("web-01").up
+
+
+async def test_a_pty_path_that_is_not_there_is_named_in_the_reason(
+        tmp_path: Path, users: dict[str, User]) -> None:
+    """A pty: path that does not exist: the console's reason names the path and says ENOENT
+    as the OS does (it said "no such device" and no path)."""
+    path = tmp_path / "vm-com1"
+    async with gateway(tmp_path, vms={"web-01": f"pty:{path}"}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")]) as g:
+        assert g.console("web-01").down_reason == f"{path}: ENOENT: No such file or directory"

@@ -13,6 +13,16 @@ from serialmux.ring import Record, RecordKind, RingReader
 from tests.support import Gateway, PtyVM, User, gateway
 
 
+def _take_number(path: str, others: list[PtyVM]) -> PtyVM:
+    """Open PTYs until one gets *path*'s number (the kernel hands out the lowest free one)."""
+    for _ in range(64):
+        other = PtyVM()
+        others.append(other)
+        if other.slave_path == path:
+            return other
+    pytest.skip(f"the kernel did not reuse {path} within 64 PTYs")
+
+
 async def test_reused_pty_number_is_not_attached(gw: Gateway, users: dict[str, User],
                                                  vm: PtyVM) -> None:
     """When a VM's PTY closes and another PTY gets its number, it is not taken as the VM."""
@@ -23,20 +33,38 @@ async def test_reused_pty_number_is_not_attached(gw: Gateway, users: dict[str, U
     await c.wait_out(b"web-01 console is down")
     others: list[PtyVM] = []
     try:
-        for _ in range(64):  # the kernel hands out the lowest free number: soon ours
-            other = PtyVM()
-            others.append(other)
-            if other.slave_path == path:
-                break
-        else:
-            pytest.skip(f"the kernel did not reuse {path} within 64 PTYs")
+        other = _take_number(path, others)
         other.write(b"another VM's secret\r\n")
-        await c.wait_out(b"is now a different PTY")
+        await c.wait_out(b"is a different PTY now")
         assert b"another VM's secret" not in c.out
         assert not gw.console("web-01").up
         with RingReader(gw.console("web-01").ring.path) as reader:
             assert not any(b"secret" in r.payload for r in reader.records()
                            if isinstance(r, Record) and r.kind is RecordKind.OUTPUT)
+    finally:
+        for other in others:
+            other.close()
+        await c.close()
+
+
+async def test_a_reload_attaches_the_reused_pty_number(gw: Gateway, users: dict[str, User],
+                                                      vm: PtyVM) -> None:
+    """The VM restarted and got its PTY number back: refused until a reload with the same
+    path confirms it, then attached in the same session (the message says to reload)."""
+    c = await gw.attach(users["alice"], "web-01+replay=0")
+    await c.wait_out(b"(writer)")
+    path = vm.slave_path
+    vm.close()
+    await c.wait_out(b"web-01 console is down")  # the daemon's fd closed: the number is free
+    others: list[PtyVM] = []
+    try:
+        again = _take_number(path, others)
+        await c.wait_out(b"`serialmux reload` attaches it")
+        assert gw.daemon is not None
+        assert await gw.daemon.reload("test")
+        await c.wait_out(b"web-01 console is up")
+        again.write(b"booted again\r\n")
+        await c.wait_out(b"booted again")
     finally:
         for other in others:
             other.close()
