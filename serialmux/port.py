@@ -47,7 +47,7 @@ STABLE_AFTER = 2.0  # an open that lasted this long resets the backoff
 LOST_TIMEOUT = 2.0  # the longest a stopped port waits for its transport to close its fd
 BREAK_SECONDS = 0.25
 
-IAC, BRK, SB, SE = 0xFF, 0xF3, 0xFA, 0xF0
+IAC, BRK = 0xFF, 0xF3
 WILL, WONT, DO, DONT = 0xFB, 0xFC, 0xFD, 0xFE
 
 
@@ -71,41 +71,37 @@ class PortSink(Protocol):
 
 
 class TelnetDecoder:
-    """Strip telnet commands from a byte stream, keeping state across chunks."""
+    """Strip the telnet negotiation QEMU sends as a client connects; pass the rest as is.
+
+    QEMU's ``telnet=on`` chardev parses telnet commands in what it receives
+    (``IAC IAC`` is one 0xFF, ``IAC BRK`` a serial BREAK) but sends the guest's
+    output unescaped (``tcp_chr_write``): after its opening ``IAC WILL``/``DO``
+    triples, every byte is the guest's, 0xFF included. Reading later 0xFF bytes as
+    telnet commands lost guest output (``\\377\\376x`` vanished, ``\\377\\377``
+    became one byte). One decoder per connection: QEMU negotiates on each.
+    """
 
     def __init__(self) -> None:
-        self._state = 0  # 0 data, 1 after IAC, 2 after WILL/WONT/DO/DONT, 3 in SB, 4 SB+IAC
+        self._state = 0  # 0 before a command, 1 after IAC, 2 after WILL/WONT/DO/DONT; -1 data
 
     def feed(self, data: bytes) -> bytes:
-        """Return the data bytes of *data*, telnet framing removed."""
-        if self._state == 0 and IAC not in data:
+        """Return the guest's bytes in *data*, the opening negotiation removed."""
+        if self._state < 0:
             return data
-        out = bytearray()
-        for byte in data:
-            state = self._state
-            if state == 0:
-                if byte == IAC:
-                    self._state = 1
-                else:
-                    out.append(byte)
-            elif state == 1:
-                if byte == IAC:
-                    out.append(IAC)
-                    self._state = 0
-                elif byte in (WILL, WONT, DO, DONT):
-                    self._state = 2
-                elif byte == SB:
-                    self._state = 3
-                else:
-                    self._state = 0
-            elif state == 2:
-                self._state = 0
-            elif state == 3:
-                if byte == IAC:
-                    self._state = 4
+        for i, byte in enumerate(data):
+            if self._state == 0:
+                if byte != IAC:
+                    self._state = -1
+                    return data[i:]
+                self._state = 1
+            elif self._state == 1:
+                if byte not in (WILL, WONT, DO, DONT):  # not negotiation: the guest's 0xFF
+                    self._state = -1
+                    return bytes([IAC]) + data[i:]
+                self._state = 2
             else:
-                self._state = 0 if byte == SE else 3
-        return bytes(out)
+                self._state = 0
+        return b""
 
 
 def telnet_encode(data: bytes) -> bytes:

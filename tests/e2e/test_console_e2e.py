@@ -188,6 +188,14 @@ class TestTelnetSocket:
         client = await telnet_rig.attach()
         await run_command(client, b"echo $((6*7))", ANSWER)
 
+    async def test_guest_output_is_8_bit_clean(self, telnet_rig: Rig) -> None:
+        """The guest prints 0xFF bytes, alone, doubled and before telnet command codes: the
+        client gets exactly those bytes (QEMU sends the guest's output unescaped)."""
+        client = await telnet_rig.attach()
+        mark = len(client.out)
+        client.send(b"printf 'A\\377\\376xB\\377\\377C\\377\\373\\001D\\n'\r")
+        await wait_out_after(client, mark, b"A\xff\xfexB\xff\xffC\xff\xfb\x01D\r\n", GUEST)
+
     async def test_nmi_exec_with_openssh_reaches_guest_and_marks_ring(
         self, telnet_rig: Rig
     ) -> None:

@@ -271,6 +271,29 @@ async def test_ssh_break_request_reaches_telnet_port(
         await c.close()
 
 
+async def test_telnet_port_output_is_the_guests_bytes_after_qemus_negotiation(
+        tmp_path: Path, users: dict[str, User], sockets: Callable[..., SocketVM]) -> None:
+    """A telnet-framed port as QEMU serves it: the opening IAC WILL/DO triples are stripped,
+    and every later byte is the guest's, 0xFF included (QEMU does not escape its output)."""
+    sock = sockets("tel.sock", telnet=True)
+    await sock.start()
+    async with gateway(tmp_path, vms={"web-01": sock.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")]) as g:
+        await sock.wait_connected()
+        # QEMU's tcp_chr_telnet_init: WILL ECHO, WILL SGA, WILL BINARY, DO BINARY; split
+        # across two writes, as a read may split it.
+        sock.write(b"\xff\xfb\x01\xff\xfb\x03\xff")
+        c = await g.attach(users["alice"], "web-01+replay=0")
+        await c.wait_out(b"(writer)")
+        sock.write(b"\xfb\x00\xff\xfd\x00")
+        printed = b"A\xff\xfexB\xff\xffC\xff\xfb\x01D\r\n"
+        sock.write(printed)
+        await c.wait_out(b"D\r\n")
+        assert c.out.endswith(printed)
+        assert b"\xfb\x01\xff\xfb" not in c.out.replace(printed, b"")  # no negotiation shown
+        await c.close()
+
+
 async def test_ssh_break_request_on_pty_is_sent_and_audited(gw: Gateway,
                                                             users: dict[str, User]) -> None:
     """An SSH break on a PTY port calls tcsendbreak and is audited (a PTY shows no BREAK)."""
