@@ -116,13 +116,31 @@ class _Locator:
         return None
 
 
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list", dict: "a table"}
+
+
+def _kind_words(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if set(kinds) == {int, float}:
+        return "a number"
+    return " or ".join(_KIND_WORDS.get(k, k.__name__) for k in kinds)
+
+
 class _Loader:
     def __init__(self, path: Path, text: str) -> None:
         self.path = path
         self.where = _Locator(text)
         self.errors: list[ConfigError] = []
+        # Keys whose value came from elsewhere ([defaults] for a VM): the error names that key.
+        self.origin: dict[str, str] = {}
+        self._said: set[tuple[str, str]] = set()
 
     def error(self, key: str, message: str) -> None:
+        key = self.origin.get(key, key)
+        if (key, message) in self._said:  # one [defaults] mistake, not one per VM
+            return
+        self._said.add((key, message))
         self.errors.append(
             ConfigError(message, path=str(self.path), line=self.where.line_of(key), key=key)
         )
@@ -149,9 +167,7 @@ class _Loader:
             return default
         value = data[name]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
-            label = (kind.__name__ if isinstance(kind, type)
-                     else " or ".join(k.__name__ for k in kind))
-            self.error(f"{key}.{name}", f"must be a {label}, not {type(value).__name__}")
+            self.error(f"{key}.{name}", f"must be {_kind_words(kind)}, not {type(value).__name__}")
             return default
         return value
 
@@ -221,7 +237,9 @@ def parse_config(text: str, path: Path) -> Config:
         if not isinstance(table, dict):
             ld.error(key, "must be a table")
             continue
+        ld.origin = {f"{key}.{k}": f"defaults.{k}" for k in defaults if k not in table}
         vm = _load_vm(ld, key, name, {**defaults, **table})
+        ld.origin = {}
         if vm is not None:
             vms[name] = vm
             if server.redact:

@@ -191,3 +191,21 @@ def test_ring_sync_defaults_to_fdatasync_and_rejects_unknown(tmp_path: Path) -> 
     assert chosen.server.ring_sync == "syncfs"
     with pytest.raises(ConfigError, match=r"b\.toml:2: server\.ring_sync: must be one of"):
         parse_config('[server]\nring_sync = "fsync-always"\n', tmp_path / "b.toml")
+
+
+def test_a_bad_defaults_value_is_reported_once_at_its_own_line(tmp_path: Path) -> None:
+    """A bad [defaults] value is one error naming defaults.KEY and its line, not one error per
+    VM naming each VM's table; a VM's own value is still blamed on the VM."""
+    body = BASE.replace("[vms.web-01]", '[defaults]\nring_size = "10KiB"\nbaud = "fast"\n\n'
+                        '[vms.web-01]') + '\n[vms.web-02]\nport = "pty:/dev/pts/98"\n' \
+        '\n[vms.web-03]\nport = "pty:/dev/pts/97"\nbaud = "slow"\n'
+    path = write(tmp_path, body)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    text = str(caught.value)
+    assert text.count("defaults.ring_size") == 1
+    assert f"{path}:5: defaults.ring_size:" in text
+    assert f"{path}:6: defaults.baud: must be an integer, not str" in text
+    assert "vms.web-01.ring_size" not in text
+    assert "vms.web-02.baud" not in text
+    assert "vms.web-03.baud: must be an integer, not str" in text
