@@ -25,6 +25,7 @@ fresh ring started; ``RingWriter.recovered_from`` tells the caller.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -64,6 +65,9 @@ from serialmux.ringfile import (
     _span,
 )
 from serialmux.ringreader import RingReader, Skipped
+
+#: Room kept in a resized ring for its note saying so.
+_RESIZE_NOTE_ROOM = 256
 
 __all__ = [
     "DEFAULT_RING_SIZE",
@@ -128,6 +132,7 @@ class RingWriter(_RingFile):
         super().__init__(path, fd)
         self.recovered_from: Path | None = None
         self.recovered_reason: str | None = None
+        self.resized_from: int | None = None  # the ring's size before open() resized it
         self.bytes_written = 0
         self._off = HEADER_SIZE
         self._seq = 1
@@ -145,9 +150,12 @@ class RingWriter(_RingFile):
         """Create or recover the ring at ``path``.
 
         A file that is not a usable ring (bad magic, future version, damaged
-        header, different size) is renamed to ``<name>.bad-<time>`` and a fresh
-        ring created; ``recovered_from`` then holds the new name of the old
-        file and ``recovered_reason`` why. Raises RingError only for OS errors.
+        header) is renamed to ``<name>.bad-<time>`` and a fresh ring created;
+        ``recovered_from`` then holds the new name of the old file and
+        ``recovered_reason`` why. A ring of another size (``ring_size`` changed)
+        is rewritten at *size* with its newest records that fit
+        (:meth:`_resize`; ``resized_from`` holds the old size). Raises RingError
+        only for OS errors.
         A new ring is fsynced with its directory before this returns, unless
         ``sync_create`` is False: the caller then makes it durable soon
         (the daemon's first :func:`fdatasync_all` ``syncfs`` round, for
@@ -181,7 +189,9 @@ class RingWriter(_RingFile):
             return
         why = self._check_static(os.pread(self._fd, 64, 0))
         if why is None and self.size != size:
-            why = f"ring size changed from {self.size} to {size} bytes"
+            self._resize(size)
+            self._start(size, False)  # the resized ring, recovered as any other
+            return
         if why is not None:
             self._move_aside(why)
             self._initialise(size)
@@ -214,6 +224,52 @@ class RingWriter(_RingFile):
         if self._sync_create:
             os.fsync(self._fd)
             _fsync_dir(self.path.parent)
+
+    def _resize(self, size: int) -> None:
+        """Rewrite this ring at *size*, keeping its newest records that fit, then reopen it.
+
+        The new ring is written beside the old one and renamed over it once it is
+        on disk: a crash in between leaves the old ring whole (and a stale
+        ``<name>.resize``, replaced next time). Sequence numbers continue.
+        """
+        old_size = self.size
+        tmp = self.path.with_name(f"{self.path.name}.resize")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        room = size - HEADER_SIZE - _span(_RESIZE_NOTE_ROOM)
+        with RingReader(self.path) as reader:
+            spans = [(r.seq, _span(len(r.payload))) for r in reader.records()
+                     if isinstance(r, Record)]
+            used, first = 0, None
+            for seq, span in reversed(spans):
+                if used + span > room:
+                    break
+                used, first = used + span, seq
+            new = RingWriter.open(tmp, size, sync_create=False)
+            try:
+                kept = 0
+                if first is not None:
+                    new._seq = first
+                    for r in reader.records(from_seq=first):
+                        if not isinstance(r, Record):
+                            continue
+                        if len(r.payload) <= new._max_payload:
+                            new._write(r.kind, r.payload, r.time_ns)
+                        elif r.kind is RecordKind.OUTPUT:  # smaller records now: split it
+                            new.append(r.payload, time_ns=r.time_ns)
+                        kept += 1
+                dropped = len(spans) - kept
+                new.marker(RecordKind.NOTE, f"ring resized from {old_size} to {size} bytes"
+                           + (f"; its {dropped} oldest records did not fit" if dropped else ""),
+                           old_size=old_size, size=size, dropped=dropped)
+            finally:
+                new.close()  # a checkpoint and an fdatasync
+        os.rename(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        old, self._fd = self._fd, -1
+        os.close(old)
+        self._fd, _ = _open_or_create(self.path)
+        self.resized_from = old_size
 
     def _move_aside(self, why: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())

@@ -80,6 +80,9 @@ class Rings:
                         moved_to=str(ring.recovered_from), reason=ring.recovered_reason)
             self.daemon.audit.event("ring_recovered", vm=vm.name, path=str(ring.recovered_from),
                                     reason=f"old ring moved aside: {ring.recovered_reason}")
+        if ring.resized_from is not None:
+            log.info("ring_resized", vm=vm.name, path=str(path), old_size=ring.resized_from,
+                     size=ring.size)
         try:
             ring.marker(RecordKind.DAEMON_START, "serialmux started")
         except (RingError, OSError) as exc:  # the console reports it on its next write

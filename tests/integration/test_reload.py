@@ -430,8 +430,8 @@ async def test_reload_of_a_listen_console_closes_qemus_connection(
         rewrite(gw)
         offset = len(c.out)
         assert await gw.daemon.reload("test")
-        rec = await gw.wait_audit("ring_recovered", vm="web-01")
-        assert "ring size changed" in rec["reason"]  # a resize, not an unreadable ring
+        await wait_until(lambda: (ring := gw.console("web-01").ring) is not None
+                         and ring.size == 128 * 1024)  # the console has its resized ring
         async with asyncio.timeout(WAIT):
             assert await old_reader.read() == b""  # EOF: the daemon closed its end
         old_writer.close()
@@ -792,3 +792,33 @@ async def test_a_host_key_listed_next_is_announced_so_openssh_clients_learn_it(
         if ssh.returncode is None:
             ssh.kill()
         await ssh.wait()
+
+
+async def test_a_reload_that_changes_ring_size_keeps_the_scrollback(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """ring_size changed by a reload: the ring is rewritten at the new size with what it held
+    (it was moved aside as .bad and the scrollback started empty), and says it was resized."""
+    assert gw.daemon is not None
+    c = await gw.attach(users["alice"], "web-01+replay=0")
+    vm.start()
+    vm.write(b"printed before the resize\r\n")
+    await c.wait_out(b"before the resize")
+    path = gw.console("web-01").ring.path
+    gw.vm_extra = {"web-01": 'ring_size = "128KiB"'}
+    rewrite(gw)
+    offset = len(c.out)
+    assert await gw.daemon.reload("test")
+    await wait_until(lambda: (ring := gw.console("web-01").ring) is not None
+                     and ring.size == 128 * 1024)
+    await wait_out_after(c, offset, b"web-01 console is up")
+    vm.write(b"printed after it\r\n")
+    await c.wait_out(b"printed after it")
+    with RingReader(path) as reader:
+        records = [r for r in reader.records() if isinstance(r, Record)]
+    output = b"".join(r.payload for r in records if r.kind is RecordKind.OUTPUT)
+    assert b"printed before the resize\r\n" in output
+    assert output.index(b"before the resize") < output.index(b"printed after it")
+    assert any(r.kind is RecordKind.NOTE and "ring resized from 1048576 to 131072 bytes"
+               in r.text() for r in records)
+    assert not list(path.parent.glob("web-01.ring.*"))  # no .bad, no .resize left behind
+    await c.close()

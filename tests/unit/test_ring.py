@@ -293,13 +293,50 @@ def test_future_version_is_moved_aside(ring: Path) -> None:
     w.close()
 
 
-def test_size_change_starts_fresh_ring(ring: Path) -> None:
-    """Opening with another ring_size moves the old file aside and makes one of the new size."""
-    RingWriter.open(ring, SMALL).close()
-    w = RingWriter.open(ring, 128 << 10)
-    assert w.recovered_from is not None
-    assert os.path.getsize(ring) == 128 << 10
+def test_a_larger_size_keeps_every_record_and_continues_the_sequence(ring: Path) -> None:
+    """Opening with a larger ring_size rewrites the ring at that size with all its records,
+    in order and with their seqs, then a note; nothing is moved aside."""
+    w = RingWriter.open(ring, SMALL)
+    for seq in range(1, 201):
+        w.append(payload(seq))
     w.close()
+    w = RingWriter.open(ring, 128 << 10)
+    assert (w.recovered_from, w.resized_from) == (None, SMALL)
+    assert os.path.getsize(ring) == 128 << 10
+    w.append(b"after\r\n")
+    w.close()
+    with RingReader(ring) as r:
+        got = items(r)
+    assert [x.payload for x in got[:200] if isinstance(x, Record)] == [
+        payload(seq) for seq in range(1, 201)]
+    assert [x.seq for x in got if isinstance(x, Record)] == list(range(1, 203))
+    note = got[200]
+    assert isinstance(note, Record)
+    assert note.kind is RecordKind.NOTE
+    assert note.text() == f"ring resized from {SMALL} to {128 << 10} bytes"
+    assert got[-1].payload == b"after\r\n"
+    assert sorted(p.name for p in ring.parent.iterdir()) == [ring.name]
+
+
+def test_a_smaller_size_keeps_the_newest_records_that_fit(ring: Path) -> None:
+    """Shrinking keeps the newest records that fit, oldest dropped, and says how many."""
+    w = RingWriter.open(ring, 128 << 10)
+    for seq in range(1, 2001):
+        w.append(payload(seq))
+    w.close()
+    with RingReader(ring) as r:
+        held = len([x for x in items(r) if isinstance(x, Record)])  # the rest was lapped
+    w = RingWriter.open(ring, SMALL)
+    w.close()
+    with RingReader(ring) as r:
+        got = [x for x in items(r) if isinstance(x, Record)]
+    kept = got[:-1]
+    assert [x.payload for x in kept] == [payload(x.seq) for x in kept]
+    assert kept[-1].seq == 2000
+    assert [x.seq for x in kept] == list(range(kept[0].seq, 2001))
+    assert sum(len(x.payload) for x in kept) > SMALL // 2  # the room was used
+    assert got[-1].text() == (f"ring resized from {128 << 10} to {SMALL} bytes; "
+                              f"its {held - len(kept)} oldest records did not fit")
 
 
 def test_file_and_directory_permissions(ring: Path) -> None:
