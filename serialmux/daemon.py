@@ -347,7 +347,8 @@ class Daemon:
                 "RESUME": "VM resumed", "POWERDOWN": "VM asked to power down",
                 "GUEST_PANICKED": "guest panicked"}.get(name, f"VM event {name}")
         reason = data.get("reason") if isinstance(data, dict) else None
-        console.mark("VM_EVENT", text + (f" ({reason})" if reason else ""), event=name)
+        text += f" ({reason})" if reason else ""
+        console.mark("VM_EVENT", text, event=name)
         console.notice(text)
         if name in ("RESET", "RESUME"):
             console.port.retry_now()

@@ -286,3 +286,17 @@ async def test_break_on_a_plain_socket_without_qmp_says_what_would_carry_one(
         assert b"a plain socket port cannot carry a BREAK; give the VM a qmp socket" \
             in result.stderr
         assert b"unix+telnet:" in result.stderr
+
+
+async def test_a_vm_event_tells_every_session_with_its_reason(
+        hv_gw: Gateway, users: dict[str, User], fake: FakeQMP) -> None:
+    """A QMP RESET event reaches every attached session as a notice carrying QEMU's reason,
+    as the ring marker does (the notice said only "VM reset")."""
+    writer = await hv_gw.attach(users["alice"], "web-01")
+    watcher = await hv_gw.attach(users["carol"], "web-01+ro")
+    await watcher.wait_out(b"(read-only)")
+    fake.event("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+    for client in (writer, watcher):
+        await client.wait_out(b"[serialmux: VM reset (host-qmp-system-reset)]")
+    await writer.close()
+    await watcher.close()
