@@ -14,7 +14,10 @@ callbacks.
   change what a session does), a CA signature made with ``ssh-rsa`` (SHA-1,
   refused by OpenSSH since 8.2), principals naming no configured user or more
   than one, and anything listed in the revocation file. ``source-address`` is
-  implemented.
+  implemented, and so is ``no-touch-required``: a FIDO (``sk-*``) certified
+  key must sign with user presence (a touch) unless the certificate carries
+  that extension (:attr:`CertIdentity.touch_required`), as sshd does with
+  ``TrustedUserCAKeys``.
 * :class:`Revocations` reads ``[ssh] revoked_keys``: a text file of public
   keys and ``serial:N`` / ``id:KEYID`` lines (see docs/security.md), re-read
   when it changes.
@@ -79,6 +82,10 @@ class CertIdentity:
     serial: int
     fingerprint: str  # of the certified key
     ca_fingerprint: str
+    # Whether a FIDO (sk-*) certified key must sign with the user-presence flag: always,
+    # unless the certificate has the no-touch-required extension (sshd with
+    # TrustedUserCAKeys; no key options apply, the CA is not an authorized_keys line).
+    touch_required: bool = True
 
 
 def is_certificate(key_data: bytes) -> bool:
@@ -258,7 +265,8 @@ def check_certificate(key_data: bytes, *, cas: Mapping[bytes, str], revoked: Rev
     if len(named) > 1:
         raise refuse(f"principals name {len(named)} users; a certificate must name one")
     return CertIdentity(user=named[0], key=cert.key, key_id=key_id, serial=serial,
-                        fingerprint=cert.key.get_fingerprint("sha256"), ca_fingerprint=ca_fp)
+                        fingerprint=cert.key.get_fingerprint("sha256"), ca_fingerprint=ca_fp,
+                        touch_required=not cert.options.get("no-touch-required", False))
 
 
 def _signature_algorithm(key_data: bytes, cert: SSHOpenSSHCertificate) -> bytes:

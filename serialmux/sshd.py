@@ -299,6 +299,11 @@ class GatewayServer(asyncssh.SSHServer):
         except CertRefused as exc:
             self._auth_failed(username, None, exc.reason, key_id=exc.key_id, serial=exc.serial)
             return None
+        # asyncssh's own check sets this on the certified key, and a FIDO key's verify()
+        # honours it: without it, a signature with the user-presence flag clear (no
+        # touch) would verify. Plain keys get it from asyncssh (always required: keys.py
+        # refuses the no-touch-required option).
+        cert.key.set_touch_required(cert.touch_required)
         self._candidate = Identity(
             user=cert.user, fingerprint=cert.fingerprint, peer=self.peer,
             session_id=self.session_id, key_id=cert.key_id, serial=cert.serial)
