@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import re
 import resource
 import shutil
@@ -21,7 +22,7 @@ import pexpect
 import pytest
 from structlog.testing import capture_logs
 
-from serialmux.control import socket_path
+from serialmux.control import admin_gid, socket_path
 from tests.support import (
     SERIALMUX_BIN,
     WAIT,
@@ -368,6 +369,29 @@ async def test_other_uid_is_refused(public_dir: Path, users: dict[str, User], vm
         assert "permission denied: the control socket is for root" in result.err
         await g.wait_audit("control", user="nobody", result="refused")
         assert (await run_cli("status", "--config", str(g.config_path))).status == 0
+
+
+@needs_setpriv
+async def test_a_process_holding_the_group_only_in_its_credentials_is_served(
+        public_dir: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """nobody, not a member in the user database but running with the admin group among its
+    own groups (SupplementaryGroups=), is served: SO_PEERGROUPS, as the socket's mode let it in."""
+    vm.start()
+    async with gateway(public_dir, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")]) as g:
+        g.config_path.chmod(0o644)
+        real = public_dir / "run" / "control.sock"
+        real.parent.chmod(0o751)  # traversable; the socket stays 0660 root:<admin group>
+        gid = admin_gid()
+        assert real.stat().st_gid == gid
+        assert gid not in os.getgrouplist("nobody", pwd.getpwnam("nobody").pw_gid)
+        holding = ("setpriv", "--reuid=nobody", "--regid=nogroup", f"--groups={gid}")
+        result = await run_cli("status", "--config", str(g.config_path), prefix=holding)
+        assert result.status == 0, result.err
+        assert "web-01" in result.out
+        result = await run_cli("status", "--config", str(g.config_path), prefix=NOBODY)
+        assert result.status == 1
+        assert "permission denied on" in result.err  # no group: the file mode stops it
 
 
 def spawn_attach(gw: Gateway, *args: str) -> pexpect.spawn:
