@@ -373,7 +373,11 @@ class ControlServer:
             console = self._console(request)
             assert console is not None
             user = request.get("user")
-            return {"result": daemon.kick(console, user if isinstance(user, str) else None, who)}
+            if user is not None and not (isinstance(user, str) and check_name(user)):
+                # A malformed "user" must not fall back to kicking the writer.
+                raise ControlError("kick: 'user' must be a user name (a string), or left out "
+                                   "to disconnect the writer")
+            return {"result": daemon.kick(console, user, who)}
         if cmd in _ACTIONS:
             console = self._console(request)
             assert console is not None

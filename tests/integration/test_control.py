@@ -394,6 +394,45 @@ async def test_a_process_holding_the_group_only_in_its_credentials_is_served(
         assert "permission denied on" in result.err  # no group: the file mode stops it
 
 
+RAW_REQUEST = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\\n")
+print(s.makefile().readline(), end="")
+"""
+
+
+async def control_request(gw: Gateway, request: dict[str, Any]) -> dict[str, Any]:
+    """Send one raw request line to the control socket from another process; its reply."""
+    assert gw.daemon is not None
+    path = socket_path(gw.daemon.config.server.runtime_dir)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RAW_REQUEST, str(path), json.dumps(request),
+        stdout=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(WAIT):
+        out, _ = await proc.communicate()
+    reply: dict[str, Any] = json.loads(out)
+    return reply
+
+
+async def test_kick_with_a_user_that_is_not_a_name_is_refused(
+        gw: Gateway, users: dict[str, User]) -> None:
+    """kick with a non-string (or empty) user is refused with a clear error, kicking nobody."""
+    w = await gw.attach(users["alice"], "web-01")
+    await w.wait_out(b"(writer)")
+    for user in ({"a": 1}, ["alice"], 5, ""):
+        reply = await control_request(gw, {"cmd": "kick", "vm": "web-01", "user": user})
+        assert reply["ok"] is False
+        assert "'user' must be a user name" in reply["error"]
+    assert (await control_request(gw, {"cmd": "who", "vm": "web-01"}))["ok"] is True
+    assert not w.closed
+    assert gw.console("web-01").writer is not None
+    assert not [e for e in gw.audit_events if e["event"] == "kick"]
+    await w.close()
+
+
 def spawn_attach(gw: Gateway, *args: str) -> pexpect.spawn:
     """The real CLI's attach on a pseudo-terminal."""
     return pexpect.spawn(str(Path(sys.executable).with_name("serialmux")),
