@@ -14,10 +14,14 @@ callbacks.
   change what a session does), a CA signature made with ``ssh-rsa`` (SHA-1,
   refused by OpenSSH since 8.2), principals naming no configured user or more
   than one, and anything listed in the revocation file. ``source-address`` is
-  implemented.
+  implemented, and so is ``no-touch-required``: a FIDO (``sk-*``) certified
+  key must sign with user presence (a touch) unless the certificate carries
+  that extension (:attr:`CertIdentity.touch_required`), as sshd does with
+  ``TrustedUserCAKeys``.
 * :class:`Revocations` reads ``[ssh] revoked_keys``: a text file of public
   keys and ``serial:N`` / ``id:KEYID`` lines (see docs/security.md), re-read
-  when it changes.
+  when it changes (checked on every login and channel, and every second by
+  :meth:`serialmux.connections.Connections.watch_revocations`).
 * :class:`Gate` admits or drops a new TCP connection before the SSH handshake:
   sshd's ``MaxStartups start:rate:full`` (random early drop of unauthenticated
   connections), an optional per-source cap (``PerSourceMaxStartups``) and
@@ -79,6 +83,10 @@ class CertIdentity:
     serial: int
     fingerprint: str  # of the certified key
     ca_fingerprint: str
+    # Whether a FIDO (sk-*) certified key must sign with the user-presence flag: always,
+    # unless the certificate has the no-touch-required extension (sshd with
+    # TrustedUserCAKeys; no key options apply, the CA is not an authorized_keys line).
+    touch_required: bool = True
 
 
 def is_certificate(key_data: bytes) -> bool:
@@ -93,19 +101,28 @@ def is_certificate(key_data: bytes) -> bool:
 # Revocation
 
 
+_Stamp = tuple[int, int, int, int, int]
+
+
+def _stamp_of(st: os.stat_result) -> _Stamp:
+    """What tells one version of a file from another: a new file (``mv``) or new contents."""
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
 class Revocations:
     """The ``revoked_keys`` file: keys, ``serial:N`` and ``id:KEYID`` lines.
 
     A listed key is refused wherever it appears: as a user's plain key, as the
     key inside a certificate, or as the CA that signed one. The file is
-    re-read whenever its modification time or size changes; a file that
-    cannot be read refuses every certificate and key (fail closed), like
-    sshd's ``RevokedKeys``.
+    re-read whenever it changes (another file put in its place, its
+    modification or change time, its size); a file that cannot be read
+    refuses every certificate and key (fail closed), like sshd's
+    ``RevokedKeys``.
     """
 
     def __init__(self, path: str | None) -> None:
         self.path = Path(path) if path else None
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: _Stamp | None = None
         self._loaded = False
         self.keys: frozenset[bytes] = frozenset()
         self.serials: frozenset[int] = frozenset()
@@ -116,29 +133,47 @@ class Revocations:
         self.on_change: Callable[[], None] | None = None
         self.refresh()
 
+    def stamp(self) -> _Stamp | None:
+        """The file's identity and version now, or None (no file configured, or no stat).
+
+        Only a ``stat``: safe to call in a worker thread (the watcher does, so a slow
+        filesystem never stalls the event loop).
+        """
+        if self.path is None:
+            return None
+        try:
+            return _stamp_of(self.path.stat())
+        except OSError:
+            return None
+
+    def stale(self, stamp: _Stamp | None) -> bool:
+        """Whether a file that looks like *stamp* needs :meth:`refresh` (changed, or unusable)."""
+        return self.path is not None and (stamp != self._stamp or self.error is not None)
+
     def refresh(self) -> None:
         """Re-read the file if it changed since the last read."""
         if self.path is None:
             return
         try:
-            st = self.path.stat()
+            stamp = _stamp_of(self.path.stat())
         except OSError as exc:
             self.error = f"cannot read {self.path}: {exc.strerror}"
             self._stamp = None
             return
-        stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._stamp and self.error is None:
             return
         try:
             text = self.path.read_text(encoding="utf-8")
-            self.keys, self.serials, self.key_ids = parse_revocations(text, str(self.path))
+            parsed = parse_revocations(text, str(self.path))
         except (OSError, UnicodeDecodeError, ConfigError) as exc:
             self.error = str(exc)
             return
+        changed = parsed != (self.keys, self.serials, self.key_ids)
+        self.keys, self.serials, self.key_ids = parsed
         self.error = None
         self._stamp = stamp
         reread, self._loaded = self._loaded, True
-        if reread and self.on_change is not None:
+        if reread and changed and self.on_change is not None:
             self.on_change()
 
     def check_key(self, public_data: bytes) -> str | None:
@@ -258,7 +293,8 @@ def check_certificate(key_data: bytes, *, cas: Mapping[bytes, str], revoked: Rev
     if len(named) > 1:
         raise refuse(f"principals name {len(named)} users; a certificate must name one")
     return CertIdentity(user=named[0], key=cert.key, key_id=key_id, serial=serial,
-                        fingerprint=cert.key.get_fingerprint("sha256"), ca_fingerprint=ca_fp)
+                        fingerprint=cert.key.get_fingerprint("sha256"), ca_fingerprint=ca_fp,
+                        touch_required=not cert.options.get("no-touch-required", False))
 
 
 def _signature_algorithm(key_data: bytes, cert: SSHOpenSSHCertificate) -> bytes:

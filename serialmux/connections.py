@@ -10,6 +10,9 @@ and revocation list. :class:`Connections` is the daemon's registry of
 SSH connections and exec commands: a reload (or a changed revocation file)
 calls :meth:`Connections.recheck`, every new channel calls
 :meth:`Connections.problem`, and shutdown calls :meth:`Connections.close_all`.
+:meth:`Connections.watch_revocations` (a daemon task) notices a changed
+``revoked_keys`` file within :data:`REVOCATION_CHECK_INTERVAL` even when
+nobody logs in, so the connections it now revokes are cut then.
 
 Certificates are re-checked with :func:`serialmux.auth.check_certificate` at
 the time the connection authenticated: validity (expiry) is checked once at
@@ -37,6 +40,9 @@ if TYPE_CHECKING:
     from .sshd import GatewayServer
 
 log = get_logger(__name__)
+
+# Seconds between two looks (a stat, in a worker thread) at the [ssh] revoked_keys file.
+REVOCATION_CHECK_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +150,24 @@ class Connections:
                 raise  # the command's own timeout, not a cut
         finally:
             self.execs.discard(entry)
+
+    async def watch_revocations(self) -> None:
+        """Run until cancelled: re-read ``revoked_keys`` whenever it changes.
+
+        A stat every :data:`REVOCATION_CHECK_INTERVAL` seconds, in a worker thread;
+        when the file changed, :meth:`Revocations.refresh` reads it, and new contents
+        call the daemon's ``on_change`` (:meth:`recheck`): connections it now revokes
+        are told, audited (``access_revoked``) and disconnected. The daemon's
+        ``revoked`` is looked up each time, since a reload may replace it.
+        """
+        while True:
+            await asyncio.sleep(REVOCATION_CHECK_INTERVAL)
+            revoked = self._daemon.revoked
+            if revoked.path is None:
+                continue
+            stamp = await asyncio.to_thread(revoked.stamp)
+            if revoked.stale(stamp):
+                revoked.refresh()
 
     # -- checks --------------------------------------------------------------------
 

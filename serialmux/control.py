@@ -9,8 +9,11 @@ also usable as an OpenSSH ``ForceCommand``).
 
 Who may connect: the socket is mode 0660, group ``serialmux`` when that group
 exists (else the daemon's group), in a 0750 runtime directory. The daemon
-checks again with ``SO_PEERCRED``: root, the daemon's own uid and members of
-that group are served, anyone else is refused. The daemon's own process is
+checks again with ``SO_PEERCRED``: root, the daemon's own uid and processes
+that hold that group are served, anyone else is refused. "Hold" means the
+connecting process's own groups (``SO_PEERGROUPS``, as the kernel checked the
+socket's mode), so a unit's ``SupplementaryGroups=serialmux`` counts; the user
+database's membership is asked only where the kernel cannot tell. The daemon's own process is
 refused too: it never calls itself, so such a connection can only be a console
 port (``unix:`` or a discovered ``NAME.serial``) pointed at this socket, which
 would hand whoever may type on that console the owner role on every VM.
@@ -59,6 +62,10 @@ MAX_LINE = 64 * 1024
 ACCEPT_RETRY_DELAY = 1.0
 #: accept() errors that say the process or host is short of fds or memory for a moment.
 _ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Linux SO_PEERGROUPS (4.13+): the peer's supplementary groups as of connect(); the
+#: socket module lacks the name. CPython's getsockopt reads at most 1024 bytes (256 groups).
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_PEERGROUPS_BUFLEN = 1024
 _ACTIONS = {"break": Action.BREAK, "sysrq": Action.SYSRQ, "nmi": Action.NMI,
             "reset": Action.RESET}
 
@@ -86,23 +93,36 @@ def _short_path(path: Path) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The local process at the other end, from SO_PEERCRED."""
+    """The local process at the other end, from SO_PEERCRED and SO_PEERGROUPS."""
 
     pid: int
     uid: int
     gid: int
     user: str
+    # Its supplementary groups as the kernel knows them; None where SO_PEERGROUPS is
+    # unavailable (older kernel, more groups than fit the buffer).
+    groups: tuple[int, ...] | None = None
 
 
 def peer_of(sock: socket.socket) -> Peer:
-    """Read the peer's credentials (Linux SO_PEERCRED)."""
+    """Read the peer's credentials (Linux SO_PEERCRED) and groups (SO_PEERGROUPS)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = f"uid{uid}"
-    return Peer(pid=pid, uid=uid, gid=gid, user=user)
+    return Peer(pid=pid, uid=uid, gid=gid, user=user, groups=peer_groups(sock))
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...] | None:
+    """The peer's supplementary group ids (SO_PEERGROUPS), or None if the kernel cannot say."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _PEERGROUPS_BUFLEN)
+    except OSError:  # ENOPROTOOPT before Linux 4.13, ERANGE past 256 groups
+        return None
+    count = len(raw) // 4
+    return struct.unpack(f"{count}I", raw[:count * 4])
 
 
 def admin_gid() -> int:
@@ -119,11 +139,17 @@ def is_self(peer: Peer) -> bool:
 
 
 def may_control(peer: Peer, gid: int) -> bool:
-    """Root, the daemon's own uid, and members of group *gid* may; this process never."""
+    """Root, the daemon's own uid, and processes holding group *gid* may; this one never.
+
+    The peer's own groups decide, as they did for the socket's file mode; the user
+    database (``getgrouplist``) only when the kernel did not report them.
+    """
     if is_self(peer):
         return False
     if peer.uid in (0, os.geteuid()) or peer.gid == gid:
         return True
+    if peer.groups is not None:
+        return gid in peer.groups
     try:
         account = pwd.getpwuid(peer.uid)
     except KeyError:
@@ -347,7 +373,11 @@ class ControlServer:
             console = self._console(request)
             assert console is not None
             user = request.get("user")
-            return {"result": daemon.kick(console, user if isinstance(user, str) else None, who)}
+            if user is not None and not (isinstance(user, str) and check_name(user)):
+                # A malformed "user" must not fall back to kicking the writer.
+                raise ControlError("kick: 'user' must be a user name (a string), or left out "
+                                   "to disconnect the writer")
+            return {"result": daemon.kick(console, user, who)}
         if cmd in _ACTIONS:
             console = self._console(request)
             assert console is not None

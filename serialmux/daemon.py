@@ -160,6 +160,7 @@ class Daemon:
                 self.control.bind()
                 tg.create_task(self.control.serve())
                 tg.create_task(self.rings.sync_loop())
+                tg.create_task(self.connections.watch_revocations())
                 tg.create_task(self.notifier.watchdog_loop())
                 self._ready.set()
                 summary = self._last_status = self.summary()

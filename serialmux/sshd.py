@@ -16,7 +16,10 @@ Identity comes from the key that authenticated, never from the login name:
 key, :meth:`GatewayServer.auth_completed` binds it once the signature has been
 verified, and the session reads it back with :func:`server_of`. At most
 ``[ssh] max_sessions`` session channels are open per connection (OpenSSH
-``MaxSessions``).
+``MaxSessions``). Refused requests of an authenticated connection
+(forwarding of any kind, a subsystem asyncssh itself refuses such as
+``sftp``, a session past MaxSessions) are audited as ``refused`` with the
+user, the login's VM and what was asked (``request``, ``target``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import asyncssh
 
 from .access import Identity
 from .auth import CertRefused, check_certificate, is_certificate
+from .configtypes import check_name
 from .connections import Credential
 from .errors import ConfigError, SerialmuxError
 from .keys import normalise_address
@@ -184,15 +188,14 @@ class GatewayServer(asyncssh.SSHServer):
         def limited_open(packet: Any) -> Any:
             limit = self._daemon.config.ssh.max_sessions
             if self.sessions >= limit:
-                self._daemon.audit.event("refused", session=self.session_id, peer=self.peer,
-                                         user=self.identity.user if self.identity else None,
-                                         reason=f"MaxSessions: {limit} sessions open")
+                self.refused(f"MaxSessions: {limit} sessions open", request="session")
                 raise asyncssh.ChannelOpenError(
                     asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                     f"at most {limit} sessions per connection (max_sessions); close one, or "
                     "open another connection")
             chan, session = open_session(packet)
             self.sessions += 1
+            session.subsystem_requested = self._audit_subsystems(session.subsystem_requested)
             lost = session.connection_lost
 
             def session_closed(exc: Exception | None) -> None:
@@ -203,6 +206,36 @@ class GatewayServer(asyncssh.SSHServer):
             return chan, session
 
         return limited_open
+
+    def _audit_subsystems(self, requested: Callable[[str], bool]) -> Callable[[str], bool]:
+        """Wrap a session's subsystem check so a subsystem asyncssh refuses is audited.
+
+        asyncssh answers ``sftp`` itself (no SFTP server is configured) and never
+        reaches serialmux; any other name is handed to the session, which refuses
+        every one but ``console`` and audits it there.
+        """
+
+        def subsystem_requested(subsystem: str) -> bool:
+            ok = requested(subsystem)
+            if not ok:
+                self.refused(f"subsystem {subsystem!r} is not offered", request="subsystem",
+                             target=subsystem)
+            return ok
+
+        return subsystem_requested
+
+    @property
+    def login_vm(self) -> str | None:
+        """The VM the login name selects (``web-01`` of ``web-01+ro``), once known and valid."""
+        username = self._conn.get_extra_info("username") if self._conn is not None else None
+        vm = str(username or "").split("+", 1)[0]
+        return vm if vm and check_name(vm) else None
+
+    def refused(self, reason: str, **asked: object) -> None:
+        """Audit a request of this connection that was refused (``refused``, who and where)."""
+        self._daemon.audit.event("refused", session=self.session_id, peer=self.peer,
+                                 user=self.identity.user if self.identity else None,
+                                 vm=self.login_vm, reason=reason, **asked)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection closed (cleanly or not)."""
@@ -299,6 +332,11 @@ class GatewayServer(asyncssh.SSHServer):
         except CertRefused as exc:
             self._auth_failed(username, None, exc.reason, key_id=exc.key_id, serial=exc.serial)
             return None
+        # asyncssh's own check sets this on the certified key, and a FIDO key's verify()
+        # honours it: without it, a signature with the user-presence flag clear (no
+        # touch) would verify. Plain keys get it from asyncssh (always required: keys.py
+        # refuses the no-touch-required option).
+        cert.key.set_touch_required(cert.touch_required)
         self._candidate = Identity(
             user=cert.user, fingerprint=cert.fingerprint, peer=self.peer,
             session_id=self.session_id, key_id=cert.key_id, serial=cert.serial)
@@ -331,8 +369,32 @@ class GatewayServer(asyncssh.SSHServer):
         if conn is not None:
             conn.disconnect(asyncssh.DISC_BY_APPLICATION, text)
 
-    # Forwarding of every kind stays refused: the SSHServer defaults return
-    # False for connection_requested, server_requested and the UNIX variants.
+    # -- forwarding: never offered; each request is refused and audited ---------------
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> bool:
+        """A ``direct-tcpip`` channel (``ssh -L``, ``-W``, ``-J``): refused."""
+        self.refused("TCP forwarding is not offered", request="direct-tcpip",
+                     target=f"{dest_host}:{dest_port}")
+        return False
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        """A ``tcpip-forward`` request (``ssh -R``): refused."""
+        self.refused("TCP forwarding is not offered", request="tcpip-forward",
+                     target=f"{listen_host}:{listen_port}")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        """A ``direct-streamlocal@openssh.com`` channel (``ssh -L`` to a socket): refused."""
+        self.refused("UNIX socket forwarding is not offered",
+                     request="direct-streamlocal@openssh.com", target=dest_path)
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        """A ``streamlocal-forward@openssh.com`` request (``ssh -R`` of a socket): refused."""
+        self.refused("UNIX socket forwarding is not offered",
+                     request="streamlocal-forward@openssh.com", target=listen_path)
+        return False
 
 
 def server_of(process: asyncssh.SSHServerProcess[bytes]) -> GatewayServer:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import re
 import resource
 import shutil
@@ -21,7 +22,7 @@ import pexpect
 import pytest
 from structlog.testing import capture_logs
 
-from serialmux.control import socket_path
+from serialmux.control import admin_gid, socket_path
 from tests.support import (
     SERIALMUX_BIN,
     WAIT,
@@ -368,6 +369,68 @@ async def test_other_uid_is_refused(public_dir: Path, users: dict[str, User], vm
         assert "permission denied: the control socket is for root" in result.err
         await g.wait_audit("control", user="nobody", result="refused")
         assert (await run_cli("status", "--config", str(g.config_path))).status == 0
+
+
+@needs_setpriv
+async def test_a_process_holding_the_group_only_in_its_credentials_is_served(
+        public_dir: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """nobody, not a member in the user database but running with the admin group among its
+    own groups (SupplementaryGroups=), is served: SO_PEERGROUPS, as the socket's mode let it in."""
+    vm.start()
+    async with gateway(public_dir, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")]) as g:
+        g.config_path.chmod(0o644)
+        real = public_dir / "run" / "control.sock"
+        real.parent.chmod(0o751)  # traversable; the socket stays 0660 root:<admin group>
+        gid = admin_gid()
+        assert real.stat().st_gid == gid
+        assert gid not in os.getgrouplist("nobody", pwd.getpwnam("nobody").pw_gid)
+        holding = ("setpriv", "--reuid=nobody", "--regid=nogroup", f"--groups={gid}")
+        result = await run_cli("status", "--config", str(g.config_path), prefix=holding)
+        assert result.status == 0, result.err
+        assert "web-01" in result.out
+        result = await run_cli("status", "--config", str(g.config_path), prefix=NOBODY)
+        assert result.status == 1
+        assert "permission denied on" in result.err  # no group: the file mode stops it
+
+
+RAW_REQUEST = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\\n")
+print(s.makefile().readline(), end="")
+"""
+
+
+async def control_request(gw: Gateway, request: dict[str, Any]) -> dict[str, Any]:
+    """Send one raw request line to the control socket from another process; its reply."""
+    assert gw.daemon is not None
+    path = socket_path(gw.daemon.config.server.runtime_dir)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RAW_REQUEST, str(path), json.dumps(request),
+        stdout=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(WAIT):
+        out, _ = await proc.communicate()
+    reply: dict[str, Any] = json.loads(out)
+    return reply
+
+
+async def test_kick_with_a_user_that_is_not_a_name_is_refused(
+        gw: Gateway, users: dict[str, User]) -> None:
+    """kick with a non-string (or empty) user is refused with a clear error, kicking nobody."""
+    w = await gw.attach(users["alice"], "web-01")
+    await w.wait_out(b"(writer)")
+    for user in ({"a": 1}, ["alice"], 5, ""):
+        reply = await control_request(gw, {"cmd": "kick", "vm": "web-01", "user": user})
+        assert reply["ok"] is False
+        assert "'user' must be a user name" in reply["error"]
+    assert (await control_request(gw, {"cmd": "who", "vm": "web-01"}))["ok"] is True
+    assert not w.closed
+    assert gw.console("web-01").writer is not None
+    assert not [e for e in gw.audit_events if e["event"] == "kick"]
+    await w.close()
 
 
 def spawn_attach(gw: Gateway, *args: str) -> pexpect.spawn:

@@ -835,6 +835,38 @@ async def test_agent_and_x11_forwarding_are_refused(gw: Gateway, users: dict[str
     await agent.wait()
 
 
+async def test_forwarding_and_foreign_subsystems_are_refused_and_audited(
+        gw: Gateway, users: dict[str, User], tmp_path: Path) -> None:
+    """TCP and UNIX forwarding (both directions) and an sftp or unknown subsystem are refused,
+    each audited as `refused` with the user, the login's VM and what was asked."""
+    conn = await gw.connect(users["bob"], "web-01+ro")
+    sock = str(tmp_path / "fwd.sock")
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await conn.open_connection("127.0.0.1", 22)
+    with pytest.raises(asyncssh.ChannelListenError):
+        await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 1)
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await conn.open_unix_connection(sock)
+    with pytest.raises(asyncssh.ChannelListenError):
+        await conn.forward_remote_path(sock, sock)
+    with pytest.raises((asyncssh.ChannelOpenError, asyncssh.SFTPError)):
+        await conn.start_sftp_client()
+    other = await conn.create_process(subsystem="netconf", encoding=None)
+    async with asyncio.timeout(WAIT):
+        await other.wait_closed()
+    assert other.exit_status == 1
+    asked = [("direct-tcpip", "127.0.0.1:22"), ("tcpip-forward", "127.0.0.1:0"),
+             ("direct-streamlocal@openssh.com", sock),
+             ("streamlocal-forward@openssh.com", sock), ("subsystem", "sftp")]
+    for request, target in asked:
+        rec = await gw.wait_audit("refused", request=request, target=target)
+        assert (rec["user"], rec["vm"]) == ("bob", "web-01"), rec
+        assert rec["session"]
+        assert rec["peer"].startswith("127.0.0.1:")
+        assert "not offered" in rec["reason"]
+    await gw.wait_audit("refused", user="bob", vm="web-01", reason="subsystem 'netconf'")
+
+
 @pytest.mark.skipif(ssh_binary() is None, reason="needs OpenSSH")
 async def test_openssh_exec_of_a_shell_command_is_refused(gw: Gateway,
                                                           users: dict[str, User]) -> None:
@@ -984,7 +1016,8 @@ async def test_max_sessions_per_connection(tmp_path: Path, users: dict[str, User
         procs = [await conn.create_process(encoding=None) for _ in range(3)]
         with pytest.raises(asyncssh.ChannelOpenError, match="at most 3 sessions per connection"):
             await conn.create_process(encoding=None)
-        await gw.wait_audit("refused", reason="MaxSessions: 3 sessions open")
+        await gw.wait_audit("refused", reason="MaxSessions: 3 sessions open", user="carol",
+                            vm="web-01", request="session")
         procs[0].close()
         await procs[0].wait_closed()
 
