@@ -124,12 +124,13 @@ def report(run: Run, header: list[str]) -> str:
             "| peer | N | listen s | all ttys open s | READY=1 s | procs / fds | idle CPU %"
             " | idle RSS MB"
             " | load CPU % | peak RSS MB | produced MB (of target) | logged MB | logged = produced"
-            " | VM-side backlog max B |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|",
+            " | VM-side backlog max B | typing meanwhile p50 / p99 / max µs |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|",
         ]
         for r in run.scale:
             if "error" in r and "listen" not in r:
-                out.append(f"| {r['peer']} | {r['n']} | failed: {one_line(r['error'])} |||||||||||")
+                out.append(f"| {r['peer']} | {r['n']} | failed: {one_line(r['error'])} "
+                           "||||||||||||")
                 continue
             logged = r.get("logged")
             prod = r.get("produced")
@@ -139,6 +140,8 @@ def report(run: Run, header: list[str]) -> str:
             else:
                 eq, logged_s = "–", str(logged) if logged is not None else "–"
             prod_s = "–" if prod is None else f"{prod / 1e6:.1f} ({100 * prod / r['target']:.0f} %)"
+            typed = ("–" if r.get("typed_p50") is None else
+                     f"{f0(r['typed_p50'])} / {f0(r['typed_p99'])} / {f0(r['typed_max'])}")
             out.append(
                 f"| {r['peer']} | {r['n']} | {f1(r.get('listen'))} | {f1(r.get('open'))}"
                 f" | {f1(r.get('notify'))} | {r.get('procs', '–')} / {r.get('fds', '–')}"
@@ -146,10 +149,11 @@ def report(run: Run, header: list[str]) -> str:
                 f" | {f0(r['idle_rss'] / 1e6 if 'idle_rss' in r else None)}"
                 f" | {f1(r.get('load_cpu'))}"
                 f" | {f0(r['load_rss'] / 1e6 if 'load_rss' in r else None)}"
-                f" | {prod_s} | {logged_s} | {eq} | {r.get('vm_backlog_max', '–')} |"
+                f" | {prod_s} | {logged_s} | {eq} | {r.get('vm_backlog_max', '–')}"
+                f" | {typed} |"
             )
             if r.get("error"):
-                out.append(f"|  ↳ {r['peer']} N={r['n']}: {one_line(r['error'])} |||||||||||||")
+                out.append(f"|  ↳ {r['peer']} N={r['n']}: {one_line(r['error'])} ||||||||||||||")
         sims = [r["sim_cpu"] for r in run.scale if "sim_cpu" in r]
         if sims:
             out += ["", f"VM simulator CPU during load: {', '.join(f'{s:.0f} %' for s in sims)}."]

@@ -43,6 +43,8 @@ from peers import AES, CHACHA, Console, Keys, Peer
 HERE = Path(__file__).resolve().parent
 LIVE: set[Peer] = set()  # peers running now: killed by the last finally, whatever happened
 SIM: list[vmsim.VMSim] = []
+#: Seconds between keystrokes typed on one console while the N others print (scale test).
+TYPE_EVERY = 0.01
 
 
 def log(msg: str) -> None:
@@ -202,10 +204,13 @@ class Run:
         made = await self.sim.create(n, "paced")
         cons = [Console(c["id"], c["path"], f"vm{i + 1:04d}") for i, c in enumerate(made)]
         ids = [c.id for c in cons]
+        # One more console, an echoing one: someone typing while the N print (3.b).
+        [e] = await self.sim.create(1, "echo")
+        typed = Console(e["id"], e["path"], f"vm{n + 1:04d}")
         p = self.peer(name)
         res: dict[str, Any] = {"peer": name, "n": n, "load": load}
         try:
-            await p.start(cons)
+            await p.start([*cons, typed])
             res.update(await p.wait_ready(self.args.ready_timeout, want_open=True))
             log(f"  {name} N={n} ready: {fmt_ready(res)}")
             if not load:
@@ -222,12 +227,20 @@ class Run:
             sim_pid = self.sim.proc.pid if self.sim.proc else 0
             sim0 = procstat.cpu_seconds([sim_pid])
             cpu0 = {pid: procstat.cpu_seconds([pid]) for pid in pids}
+            client = await clients.connect(p.endpoint(typed), self.keys, self.args.ssh_client[0])
+            await client.drain_quiet()
             await self.sim.call("go", ids=ids)
             t0 = time.perf_counter()
+            typing = asyncio.create_task(self._type_paced(client, t0 + self.args.load_s))
             rss_peak = 0
-            while time.perf_counter() - t0 < self.args.load_s:
-                await asyncio.sleep(min(2.0, self.args.load_s - (time.perf_counter() - t0)))
-                rss_peak = max(rss_peak, procstat.rss_bytes(p.pids()))
+            try:
+                while time.perf_counter() - t0 < self.args.load_s:
+                    await asyncio.sleep(min(2.0, self.args.load_s - (time.perf_counter() - t0)))
+                    rss_peak = max(rss_peak, procstat.rss_bytes(p.pids()))
+                res.update(await typing)
+            finally:
+                typing.cancel()
+                await client.close()
             await self.sim.call("stop", ids=ids)
             t1 = time.perf_counter()
             pids = p.pids()
@@ -265,7 +278,27 @@ class Run:
         finally:
             await self.stop(p)
             checks.errors_logged(p, res)
-            await self.sim.call("close", ids=ids, timeout=120)
+            await self.sim.call("close", ids=[*ids, typed.id], timeout=120)
+
+    async def _type_paced(self, client: Any, until: float) -> dict[str, Any]:
+        """Keystrokes every TYPE_EVERY s until *until* on an echoing console: round trips."""
+        us: list[float] = []
+        wrong = 0
+        i = 0
+        while time.perf_counter() < until and i < 100_000:
+            key = bytes([97 + i % 26])
+            i += 1
+            t0 = time.perf_counter_ns()
+            client.write(key)
+            got = await asyncio.wait_for(client.read(), 5.0)
+            us.append((time.perf_counter_ns() - t0) / 1000)
+            if not got:
+                raise ConnectionError(f"typing: closed after {i} keystrokes")
+            wrong += got != key
+            await asyncio.sleep(TYPE_EVERY)
+        us.sort()
+        return {"typed_n": len(us), "typed_wrong": wrong, "typed_p50": checks.pct(us, 50),
+                "typed_p99": checks.pct(us, 99), "typed_max": us[-1] if us else None}
 
     async def count_logged(self, p: Peer, cons: list[Console]) -> int | str:
         """Bytes of paced lines the peer logged, or why that cannot be counted yet."""
