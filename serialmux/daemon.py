@@ -1,7 +1,7 @@
 """The daemon: owns every task, the consoles, the listeners, signals and shutdown.
 
 ``Daemon(config).serve()`` is a coroutine that tests await directly, as the
-CLI does through :func:`run`. Start-up: state directory → rings → consoles
+CLI does through :func:`run`. Start-up: state directory and its lock → rings → consoles
 (each port tried once) → SSH listeners bound → ``READY=1``. Shutdown order
 (uvicorn's): stop accepting → tell clients → bounded wait for sessions →
 cancel with a reason → close ports → mark and sync the rings. What is disabled,
@@ -29,6 +29,7 @@ from .console import Console
 from .disabling import Disabling
 from .errors import SerialmuxError
 from .heap import Heap
+from .instancelock import InstanceLock
 from .log import Audit, get_logger
 from .mfa import TotpStore
 from .port import VMPort
@@ -95,6 +96,8 @@ class Daemon:
         self._last_status = ""
         # gc.freeze() once ready, so full collections skip the consoles (serialmux.heap).
         self.heap = Heap(enabled=freeze_heap)
+        # One daemon per state_dir and runtime_dir, held while serve() runs.
+        self._lock = InstanceLock()
 
     # -- public ------------------------------------------------------------------
 
@@ -136,10 +139,12 @@ class Daemon:
 
     async def serve(self) -> None:
         """Run until :meth:`stop` (or SIGTERM/SIGINT); start-up errors raise."""
-        _raise_fd_limit(len(self.config.vms))
         server = self.config.server
-        for d in (self.state_dir, self.rings.dir, server.runtime_dir):
+        for d in (self.state_dir, server.runtime_dir):
             d.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self._take_lock()  # before any ring, port or socket: another daemon may own them
+        _raise_fd_limit(len(self.config.vms))
+        self.rings.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.disabling.load()
         self._install_signals()
         self.notifier.status("starting")
@@ -189,6 +194,19 @@ class Daemon:
                 self.audit.event("daemon_start", result="failed")
             if self._owns_audit:
                 self.audit.close()
+            self._lock.release()
+
+    def _take_lock(self) -> None:
+        """Lock state_dir and runtime_dir for this daemon (serialmux.instancelock); a second
+        daemon on either stops here, having touched nothing of the first one's."""
+        try:
+            self._lock.acquire({"server.state_dir": self.state_dir,
+                                "server.runtime_dir": self.config.server.runtime_dir})
+        except SerialmuxError as exc:
+            self.audit.event("daemon_start", result="failed", reason=str(exc))
+            if self._owns_audit:
+                self.audit.close()
+            raise
 
     def summary(self) -> str:
         """A one-line status for systemd and ``serialmux status``."""

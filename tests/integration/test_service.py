@@ -181,3 +181,61 @@ async def test_watchdog_pings_at_half_the_interval(
     proc.send_signal(signal.SIGTERM)
     async with asyncio.timeout(20):
         assert await proc.wait() == 0
+
+
+def ring_records(tmp_path: Path) -> list[tuple[RecordKind, bytes]]:
+    """web-01's ring as (kind, payload) pairs."""
+    with RingReader(tmp_path / "state" / "rings" / "web-01.ring") as reader:
+        return [(r.kind, r.payload) for r in reader.records() if not isinstance(r, Skipped)]
+
+
+async def test_second_serve_on_the_same_dirs_exits_at_once_touching_nothing(
+        service: tuple[asyncio.subprocess.Process, Path, PtyVM, User], manager: Manager,
+        tmp_path: Path) -> None:
+    """A second serve on the same state_dir (or only the same runtime_dir) exits 1 with one line
+    naming the lock file and the first one's PID; the first one's ring gets no marker and its
+    session, port and control socket carry on."""
+    proc, conf, vm, alice = service
+    await manager.wait_for("READY", "1", timeout=30)
+    port = await ssh_port(conf)
+    conn = await asyncssh.connect("127.0.0.1", port, username="web-01", client_keys=[alice.key],
+                                  known_hosts=None, agent_path=None)
+    try:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await manager.wait_for("STATUS", "1 sessions")
+        before = ring_records(tmp_path)
+
+        second = await run_cli("serve", "--config", str(conf))
+        lock = tmp_path / "state" / "serialmux.lock"
+        assert second.status == 1, second.err
+        assert second.err.strip().splitlines() == [
+            f"serialmux: another serialmux (pid {proc.pid}) is running on this "
+            f"server.state_dir: {lock} is locked; stop it first (systemctl stop serialmux), "
+            "or give this one its own server.state_dir"]
+        assert '"vm"' not in second.out  # no ring, no port, no QMP was opened
+        # Only the runtime_dir shared: the control socket is not taken over either.
+        other = tmp_path / "other.toml"
+        other.write_text(conf.read_text().replace(f'state_dir = "{tmp_path}/state"',
+                                                  f'state_dir = "{tmp_path}/state2"'))
+        third = await run_cli("serve", "--config", str(other))
+        assert third.status == 1, third.err
+        assert f"server.runtime_dir: {tmp_path / 'run' / 'serialmux.lock'} is locked" in third.err
+        assert not (tmp_path / "state2" / "rings").exists()
+
+        assert ring_records(tmp_path) == before
+        vm.write(b"still-here\r\n")
+        got = b""
+        async with asyncio.timeout(WAIT):
+            while b"still-here" not in got:
+                got += await process.stdout.read(4096)
+        process.stdin.write(b"typed-after\r")
+        await vm.wait_received(b"typed-after")
+        assert await ssh_port(conf) == port  # the control socket is still the first one's
+        assert proc.returncode is None
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(20):
+        assert await proc.wait() == 0
+    assert ring_records(tmp_path)[-1][0] is RecordKind.DAEMON_STOP
