@@ -289,8 +289,30 @@ def enable(vm: str | None, config_path: str) -> None:
 @main.command()
 @config_option
 def reload(config_path: str) -> None:
-    """Re-read the configuration (like systemctl reload); errors keep the running one."""
-    click.echo(_control(config_path, {"cmd": "reload"})["result"])
+    """Re-read the configuration (like systemctl reload); errors keep the running one.
+
+    \b
+    Exit status:
+      0  every change applied
+      1  the configuration has errors (nothing applied), the daemon cannot be
+         reached, or a change was not applied: SSH listeners kept as they were
+         (e.g. an address in use), or a setting that needs a restart; each is
+         named on stderr
+    """
+    reply = _control(config_path, {"cmd": "reload"})
+    click.echo(reply["result"])
+    left = []
+    if reply.get("listeners_kept"):
+        left.append(f"the SSH listeners were kept as they were: {reply['listeners_kept']}; "
+                    "fix that and reload again")
+    restart = reply.get("restart_needed")
+    for setting in restart if isinstance(restart, list) else []:
+        left.append(f"{setting} changed: it takes effect when serialmux restarts "
+                    "(systemctl restart serialmux)")
+    for text in left:
+        click.echo(f"serialmux: not applied: {text}", err=True)
+    if left:
+        sys.exit(1)
 
 
 @main.command()

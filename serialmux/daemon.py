@@ -41,6 +41,7 @@ from .sshd import Listeners
 if TYPE_CHECKING:
     from .control import ControlServer
     from .discovery import Discovery
+    from .reload import ReloadResult
 
 if TYPE_CHECKING:
     from .session import Session
@@ -62,6 +63,7 @@ class Daemon:
     def __init__(self, config: Config, *, audit: Audit | None = None,
                  notifier: Notifier | None = None, freeze_heap: bool = False) -> None:
         self.config = config
+        self.config_at_start = config  # what settings that need a restart are compared with
         self._owns_audit = audit is None
         self.audit = audit or Audit(config.server.audit_file)
         self.notifier = notifier or Notifier()
@@ -455,8 +457,9 @@ class Daemon:
         except Exception:  # a reload bug must not take the running consoles down
             log.exception("reload_crashed")
 
-    async def reload(self, who: str = "SIGHUP") -> bool:
-        """Re-read and apply the configuration file; False (old config kept) if it has errors."""
+    async def reload(self, who: str = "SIGHUP") -> ReloadResult:
+        """Re-read and apply the configuration file; false (old config kept) if it has errors,
+        else what was not applied (listeners kept, settings that need a restart)."""
         from .reload import reload_daemon
 
         async with self.changes:
