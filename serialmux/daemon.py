@@ -34,7 +34,7 @@ from .log import Audit, get_logger
 from .mfa import TotpStore
 from .port import VMPort
 from .ring import RecordKind, RingReader, RingWriter, Skipped
-from .rings import Rings
+from .rings import REMOVED, Rings
 from .sdnotify import Notifier
 from .sshd import Listeners
 
@@ -310,7 +310,7 @@ class Daemon:
         console.flush_redacted()  # output held back by redaction goes in before the marker
         ring, console.ring = console.ring, None
         if ring is not None:
-            await self.rings.close(name, ring, RecordKind.NOTE, f"console removed: {reason}")
+            await self.rings.close(name, ring, RecordKind.NOTE, f"{REMOVED}: {reason}")
         self.heap.released()
         self.status_changed()
 

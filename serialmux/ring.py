@@ -60,6 +60,7 @@ from serialmux.ringfile import (
     _max_payload,
     _open_flags,
     _os_error,
+    _Rec,
     _RingFile,
     _span,
 )
@@ -233,6 +234,20 @@ class RingWriter(_RingFile):
     def next_seq(self) -> int:
         """The sequence number the next record will get."""
         return self._seq
+
+    def last_record(self) -> Record | None:
+        """The newest record (None in an empty ring): e.g. how the previous writer stopped."""
+        off = self._last_off
+        if not off:
+            return None
+        try:  # two small reads, not a read-ahead: cheap for thousands of rings at start
+            head = os.pread(self._fd, REC_HEADER, off)
+            length = _REC.unpack_from(head)[3] if len(head) == REC_HEADER else 0
+            rec = self._parse(head + os.pread(self._fd, _span(length) - REC_HEADER,
+                                              off + REC_HEADER), 0, off)
+        except OSError as exc:
+            raise _os_error(self.path, exc) from exc
+        return rec.public() if isinstance(rec, _Rec) else None
 
     @property
     def max_payload(self) -> int:

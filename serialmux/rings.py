@@ -2,8 +2,10 @@
 
 :mod:`serialmux.ring` is the file format; this module is the daemon's use of
 it. :class:`Rings` (``Daemon.rings``) opens each console's ring under
-``state_dir/rings`` and marks the start in it, runs the sync loop, and closes
-the rings with a last marker.
+``state_dir/rings`` and marks the start in it (saying so when the ring's last
+record is not a clean-stop marker: the daemon was killed, and output printed
+meanwhile may be missing), runs the sync loop, and closes the rings with a last
+marker.
 
 At start-up every ring is opened on the loop thread (:meth:`Rings.open_at_start`):
 nothing is served yet, and thousands of rings open fastest without a thread
@@ -22,18 +24,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import VMConfig
 from .errors import RingError, SerialmuxError
 from .log import get_logger
-from .ring import SYNC_INTERVAL, SYNCFS_FROM, RecordKind, RingWriter, fdatasync_all
+from .ring import SYNC_INTERVAL, SYNCFS_FROM, Record, RecordKind, RingWriter, fdatasync_all
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = get_logger(__name__)
+
+#: The markers of a ring's writer starting and stopping: the daemon's start and stop, a
+#: console removed while serving (NOTE). A ring that ends in neither stop marker was not
+#: closed: the next start marker says so (:func:`_unclean_stop`).
+STARTED = "serialmux started"
+STOPPED = "serialmux stopped"
+REMOVED = "console removed"
 
 CHECKPOINT_ROUNDS = 10  # a changing ring writes its checkpoint every 10th sync round
 RING_WAIT = 5.0  # the longest a reload or discovery change waits on one ring's disk
@@ -71,7 +81,8 @@ class Rings:
             return None
 
     def _opened(self, vm: VMConfig, ring: RingWriter | None) -> RingWriter | None:
-        """Audit a ring moved aside and mark the start in *ring* (loop thread); return it."""
+        """Audit a ring moved aside and mark the start in *ring* (loop thread); return it.
+        The marker says too when the ring's previous writer did not close it."""
         if ring is None:
             return None
         path = ring.path
@@ -81,7 +92,7 @@ class Rings:
             self.daemon.audit.event("ring_recovered", vm=vm.name, path=str(ring.recovered_from),
                                     reason=f"old ring moved aside: {ring.recovered_reason}")
         try:
-            ring.marker(RecordKind.DAEMON_START, "serialmux started")
+            ring.marker(RecordKind.DAEMON_START, STARTED + _unclean_stop(ring.last_record()))
         except (RingError, OSError) as exc:  # the console reports it on its next write
             log.error("ring_write_failed", vm=vm.name, error=str(exc))
         return ring
@@ -144,8 +155,7 @@ class Rings:
         for console in self.daemon.consoles.values():
             console.flush_redacted()
             if console.ring is not None:
-                _close_ring(console.name, console.ring, RecordKind.DAEMON_STOP,
-                            "serialmux stopped")
+                _close_ring(console.name, console.ring, RecordKind.DAEMON_STOP, STOPPED)
                 console.ring = None
 
     async def sync_loop(self) -> None:
@@ -212,3 +222,19 @@ def _close_ring(vm: str, ring: RingWriter, kind: RecordKind | None = None,
         ring.close()
     except (RingError, OSError) as exc:
         log.error("ring_close_failed", vm=vm, error=str(exc))
+
+
+def _unclean_stop(last: Record | None) -> str:
+    """What to add to a start marker when the ring's previous writer did not close it.
+
+    A ring closed cleanly ends in ``serialmux stopped`` (DAEMON_STOP) or, for a
+    console removed while serving, ``console removed: ...`` (NOTE); anything else
+    last (output, a start marker) means the daemon was killed or crashed, and the
+    guest's output between then and now was read by nobody.
+    """
+    if last is None or last.kind is RecordKind.DAEMON_STOP or (
+            last.kind is RecordKind.NOTE and last.text().startswith(REMOVED)):
+        return ""
+    when = datetime.fromtimestamp(last.time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return (f"; the previous run did not stop cleanly (its last record here is from "
+            f"{when[:-3]}Z): output printed while serialmux was not running may be missing")

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -239,3 +240,64 @@ async def test_second_serve_on_the_same_dirs_exits_at_once_touching_nothing(
     async with asyncio.timeout(20):
         assert await proc.wait() == 0
     assert ring_records(tmp_path)[-1][0] is RecordKind.DAEMON_STOP
+
+
+async def wait_in_ring(tmp_path: Path, text: bytes) -> None:
+    """Wait until web-01's ring holds *text* in its output (another process writes it)."""
+    async with asyncio.timeout(WAIT):
+        while not any(k is RecordKind.OUTPUT and text in p for k, p in ring_records(tmp_path)):
+            await asyncio.sleep(0.02)
+
+
+async def test_kill_9_leaves_an_unclean_stop_marker_on_the_next_start(
+        tmp_path: Path, short_dir: Path, manager: Manager, users: dict[str, User],
+        vm: PtyVM) -> None:
+    """After kill -9, the next start marker says the previous run did not stop cleanly, when
+    the ring's last record was written, and that output may be missing (serialmux logs shows
+    it between the old output and the new); the lock does not outlive the killed daemon; after
+    a clean stop the next start marker is plain."""
+    vm.start()
+    conf = tmp_path / "serialmux.toml"
+    conf.write_text(gateway_toml(tmp_path, {"web-01": vm.port}, [users["alice"]]))
+    env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")}
+    ready = -1
+
+    async def serve() -> asyncio.subprocess.Process:
+        nonlocal ready
+        with (tmp_path / "daemon.log").open("ab") as log:
+            proc = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).with_name("serialmux")), "serve", "--config", str(conf),
+                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+        ready = await manager.wait_for("READY", "1", after=ready + 1, timeout=30)
+        return proc
+
+    proc = await serve()
+    try:
+        vm.write(b"tick-10\r\n")
+        await wait_in_ring(tmp_path, b"tick-10")
+        last_before = ring_records(tmp_path)[-1]
+        proc.kill()
+        await proc.wait()
+        proc = await serve()
+        vm.write(b"tick-28\r\n")
+        await wait_in_ring(tmp_path, b"tick-28")
+        logs = await run_cli("logs", "web-01", "--config", str(conf))
+        assert logs.status == 0, logs.err
+        with RingReader(tmp_path / "state" / "rings" / "web-01.ring") as reader:
+            last_time = [r for r in reader.records() if not isinstance(r, Skipped)
+                         and r.payload == last_before[1]][-1].time_ns
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(last_time // 10**9))
+        marker = re.search(r"-- serialmux: \S+ serialmux started; the previous run did not stop "
+                           rf"cleanly \(its last record here is from {stamp}\.\d{{3}}Z\): output "
+                           r"printed while serialmux was not running may be missing --", logs.out)
+        assert marker is not None, logs.out
+        assert logs.out.index("tick-10") < marker.start() < logs.out.index("tick-28")
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+        proc = await serve()
+        starts = [p for k, p in ring_records(tmp_path) if k is RecordKind.DAEMON_START]
+        assert json.loads(starts[-1]) == {"text": "serialmux started"}
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
