@@ -285,9 +285,11 @@ class Daemon:
         """Add and start a console before serving (the configuration's, discovery's first scan)."""
         return self._add_console(vm, self.rings.open_at_start(vm))
 
-    async def add_console(self, vm: VMConfig) -> Console:
-        """Add and start a console while serving (reload, discovery); its port opens later."""
-        console = self._add_console(vm, await self.rings.open(vm))
+    async def add_console(self, vm: VMConfig,
+                          why: str = "console added by discovery") -> Console:
+        """Add and start a console while serving (reload, discovery); its port opens later.
+        *why* starts its ring's marker (the daemon did not just start)."""
+        console = self._add_console(vm, await self.rings.open(vm, why))
         self.status_changed()
         return console
 
@@ -324,7 +326,8 @@ class Daemon:
             ring, console.ring = console.ring, None  # the port is stopped: nothing to log
             console.vm = vm  # the size a ring opened late must have
             await self.rings.close(vm.name, ring)
-            console.ring = await self.rings.open(vm)
+            console.ring = await self.rings.open(vm, f"console reopened with a new ring of "
+                                                     f"{vm.ring_size} bytes (ring_size changed)")
         console.vm = vm
         console.port = VMPort(vm, console)
         console.hypervisor = None

@@ -246,7 +246,7 @@ async def _apply(daemon: Daemon, new: Config, cas: dict[bytes, str], who: str,
             if discovered.redact != vm.redact:
                 _new_redactor(daemon.consoles[vm.name], vm)
         else:
-            await daemon.add_console(vm)
+            await daemon.add_console(vm, "console added by a configuration reload")
     for vm in plan.updated:
         daemon.consoles[vm.name].use_config(vm)
     for vm in plan.reopened + plan.updated:

@@ -66,7 +66,7 @@ class Rings:
 
     def open_at_start(self, vm: VMConfig) -> RingWriter | None:
         """*vm*'s ring, opened and marked on the loop thread (before serving); None if unusable."""
-        return self._opened(vm, self._open(vm))
+        return self._opened(vm, self._open(vm), STARTED)
 
     def _open(self, vm: VMConfig) -> RingWriter | None:
         """Create or recover *vm*'s ring; None (logged) if it cannot be used. Thread-safe."""
@@ -80,9 +80,9 @@ class Rings:
             log.error("ring_unusable", vm=vm.name, path=str(path), error=str(exc))
             return None
 
-    def _opened(self, vm: VMConfig, ring: RingWriter | None) -> RingWriter | None:
-        """Audit a ring moved aside and mark the start in *ring* (loop thread); return it.
-        The marker says too when the ring's previous writer did not close it."""
+    def _opened(self, vm: VMConfig, ring: RingWriter | None, text: str) -> RingWriter | None:
+        """Audit a ring moved aside and mark the start in *ring* with *text* (loop thread);
+        return it. The marker says too when the ring's previous writer did not close it."""
         if ring is None:
             return None
         path = ring.path
@@ -92,7 +92,7 @@ class Rings:
             self.daemon.audit.event("ring_recovered", vm=vm.name, path=str(ring.recovered_from),
                                     reason=f"old ring moved aside: {ring.recovered_reason}")
         try:
-            ring.marker(RecordKind.DAEMON_START, STARTED + _unclean_stop(ring.last_record()))
+            ring.marker(RecordKind.DAEMON_START, text + _unclean_stop(ring.last_record()))
         except (RingError, OSError) as exc:  # the console reports it on its next write
             log.error("ring_write_failed", vm=vm.name, error=str(exc))
         return ring
@@ -103,15 +103,16 @@ class Rings:
     # console, nor hold a reload or discovery change for long: each waits at most
     # RING_WAIT, and the work finishes in the background.
 
-    async def open(self, vm: VMConfig) -> RingWriter | None:
-        """*vm*'s ring, opened in a worker thread; None if that takes over :data:`RING_WAIT`.
+    async def open(self, vm: VMConfig, text: str) -> RingWriter | None:
+        """*vm*'s ring, opened in a worker thread and marked with *text* (why it opens now:
+        the daemon did not just start); None if that takes over :data:`RING_WAIT`.
 
         A ring that opens later is adopted by its console then (the output read
         meanwhile is not in it), or closed if the console is gone, has a ring of
         its own by then, or the daemon is stopping.
         """
         opening = asyncio.get_running_loop().run_in_executor(None, self._open, vm)
-        late = functools.partial(self._opened_late, vm)
+        late = functools.partial(self._opened_late, vm, text)
         try:
             await asyncio.wait({opening}, timeout=RING_WAIT)
         except asyncio.CancelledError:  # shutdown: the ring, when it opens, is closed
@@ -122,9 +123,10 @@ class Rings:
                       hint="the console runs without its ring until the disk answers")
             opening.add_done_callback(late)
             return None
-        return self._opened(vm, opening.result())
+        return self._opened(vm, opening.result(), text)
 
-    def _opened_late(self, vm: VMConfig, opening: asyncio.Future[RingWriter | None]) -> None:
+    def _opened_late(self, vm: VMConfig, text: str,
+                     opening: asyncio.Future[RingWriter | None]) -> None:
         ring = None if opening.cancelled() or opening.exception() else opening.result()
         if ring is None:
             return
@@ -132,7 +134,7 @@ class Rings:
         if console is not None and console.ring is None and console.vm.ring_size == ring.size \
                 and not self.daemon.stopping:
             log.info("ring_open_late", vm=vm.name)
-            console.ring = self._opened(vm, ring)
+            console.ring = self._opened(vm, ring, text)
         else:
             try:
                 asyncio.get_running_loop().run_in_executor(None, _close_ring, vm.name, ring)

@@ -835,3 +835,29 @@ async def test_cli_reload_names_what_was_not_applied_and_exits_1(gw: Gateway) ->
     result = await run_cli("reload", "--config", str(gw.config_path))
     assert (result.status, result.err) == (0, "")
     assert result.out == f"configuration reloaded from {gw.config_path}\n"
+
+
+async def test_a_console_added_by_reload_is_marked_so_not_as_a_daemon_start(
+        spare: list[PtyVM], gw: Gateway) -> None:
+    """A VM added by a reload gets 'console added by a configuration reload' in its ring, not
+    'serialmux started'; removed and added again, its ring (closed with 'console removed')
+    is not reported as left by an unclean stop."""
+    assert gw.daemon is not None
+    path = gw.daemon.rings.path("web-11")
+
+    def starts() -> list[str]:
+        with RingReader(path) as reader:
+            return [r.text() for r in reader.records()
+                    if isinstance(r, Record) and r.kind is RecordKind.DAEMON_START]
+
+    gw.vms = {**gw.vms, "web-11": spare[0].port}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    assert starts() == ["console added by a configuration reload"]
+    gw.vms = {k: v for k, v in gw.vms.items() if k != "web-11"}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    gw.vms = {**gw.vms, "web-11": spare[0].port}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    assert starts() == ["console added by a configuration reload"] * 2
