@@ -511,3 +511,25 @@ async def test_status_without_config_reads_the_default_file_like_logs() -> None:
         assert "/etc/serialmux/serialmux.toml: cannot read: No such file or directory" \
             in result.err, result.err
         assert "/run/serialmux" not in result.err
+
+
+async def test_enable_leaves_a_marker_where_disable_did(gw: Gateway) -> None:
+    """enable VM, and enable (all) on each VM it lets in again, write 'enabled by USER' to the
+    ring as disable writes 'disabled by USER: ...'; a VM still disabled on its own, or one
+    that was never disabled, gets none."""
+    import pwd
+
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    steps = [("disable", "web-01", "--reason", "a"), ("enable", "web-01"),
+             ("enable", "web-01"),  # not disabled: nothing to mark
+             ("disable", "--reason", "all down"), ("disable", "web-01", "--reason", "own"),
+             ("enable",),  # web-01 stays disabled on its own: no marker
+             ("enable", "web-01")]
+    for step in steps:
+        result = await run_cli(*step, *cfg(gw))
+        assert result.status == 0, (step, result.err)
+    logs = await run_cli("logs", "web-01", *cfg(gw))
+    assert logs.status == 0, logs.err
+    marked = re.findall(r"-- serialmux: \S+ ((?:en|dis)abled by [^-]*) --", logs.out)
+    assert marked == [f"disabled by {me}: a", f"enabled by {me}", f"disabled by {me}: all down",
+                      f"disabled by {me}: own", f"enabled by {me}"]
