@@ -21,7 +21,9 @@ DEFAULT_CONFIG = "/etc/serialmux/serialmux.toml"
 
 config_option = click.option(
     "--config", "-c", "config_path", default=DEFAULT_CONFIG, show_default=True,
-    type=click.Path(dir_okay=False), help="The TOML configuration file.")
+    type=click.Path(dir_okay=False),
+    help="The TOML configuration file (commands that talk to the daemon find its control "
+         "socket from its server.runtime_dir); one that cannot be read is an error, exit 1.")
 
 
 def _load(path: str) -> Config:
@@ -175,22 +177,19 @@ def logs(vm: str, config_path: str, lines: int, follow: bool, since: str | None,
 
 
 def _runtime_dir(config_path: str) -> Path:
-    """server.runtime_dir of the config, read leniently: a config with errors still has one."""
-    import tomllib
+    """server.runtime_dir of the config: where the daemon's control socket is.
 
-    from .config import ServerConfig
-
+    A config that cannot be read, or has errors, is reported as check-config
+    reports it (file, line, key) and the command exits 1: guessing a directory
+    (the default one) could reach, and reload, another daemon.
+    """
     try:
         return load_config(config_path).server.runtime_dir
-    except ConfigError:
-        pass
-    try:
-        raw = tomllib.loads(Path(config_path).read_text()).get("server", {}).get("runtime_dir")
-    except (OSError, ValueError, AttributeError):
-        raw = None
-    if isinstance(raw, str):
-        return Path(config_path).parent / raw
-    return ServerConfig().runtime_dir
+    except ConfigError as exc:
+        click.echo(f"serialmux: configuration error:\n{exc}\n(the daemon's control socket is "
+                   "in its server.runtime_dir, read from this file: fix the file, or name the "
+                   "daemon's own with --config)", err=True)
+        sys.exit(1)
 
 
 def _control(config_path: str, payload: dict[str, object]) -> dict[str, object]:
@@ -290,8 +289,30 @@ def enable(vm: str | None, config_path: str) -> None:
 @main.command()
 @config_option
 def reload(config_path: str) -> None:
-    """Re-read the configuration (like systemctl reload); errors keep the running one."""
-    click.echo(_control(config_path, {"cmd": "reload"})["result"])
+    """Re-read the configuration (like systemctl reload); errors keep the running one.
+
+    \b
+    Exit status:
+      0  every change applied
+      1  the configuration has errors (nothing applied), the daemon cannot be
+         reached, or a change was not applied: SSH listeners kept as they were
+         (e.g. an address in use), or a setting that needs a restart; each is
+         named on stderr
+    """
+    reply = _control(config_path, {"cmd": "reload"})
+    click.echo(reply["result"])
+    left = []
+    if reply.get("listeners_kept"):
+        left.append(f"the SSH listeners were kept as they were: {reply['listeners_kept']}; "
+                    "fix that and reload again")
+    restart = reply.get("restart_needed")
+    for setting in restart if isinstance(restart, list) else []:
+        left.append(f"{setting} changed: it takes effect when serialmux restarts "
+                    "(systemctl restart serialmux)")
+    for text in left:
+        click.echo(f"serialmux: not applied: {text}", err=True)
+    if left:
+        sys.exit(1)
 
 
 @main.command()

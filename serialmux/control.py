@@ -394,10 +394,18 @@ class ControlServer:
             reason = reason if isinstance(reason, str) and reason else "disabled by an operator"
             return {"result": daemon.disabling.disable(name, reason, who)}
         if cmd == "reload":
-            if not await daemon.reload(who=f"control:{who.user}"):
-                raise ControlError("the configuration has errors; the running one stays "
-                                   "(see the daemon's log, or run serialmux check-config)")
-            return {"result": "configuration reloaded"}
+            done = await daemon.reload(who=f"control:{who.user}")
+            if not done:
+                raise ControlError("the configuration has errors; the running one stays:\n"
+                                   + "\n".join(done.errors)
+                                   + "\n(fix them and reload again; serialmux check-config "
+                                   "checks a file)")
+            # What was asked but not applied: the CLI says each and exits 1.
+            left = int(done.listeners_kept is not None) + len(done.restart_needed)
+            return {"result": f"configuration reloaded from {done.path}"
+                              + (f", {left} change(s) not applied" if left else ""),
+                    "path": done.path, "listeners_kept": done.listeners_kept,
+                    "restart_needed": done.restart_needed}
         raise ControlError(f"unknown command {cmd!r}")
 
     async def _attach(self, peer: Peer, request: dict[str, Any], reader: asyncio.StreamReader,

@@ -1,7 +1,7 @@
 """The daemon: owns every task, the consoles, the listeners, signals and shutdown.
 
 ``Daemon(config).serve()`` is a coroutine that tests await directly, as the
-CLI does through :func:`run`. Start-up: state directory → rings → consoles
+CLI does through :func:`run`. Start-up: state directory and its lock → rings → consoles
 (each port tried once) → SSH listeners bound → ``READY=1``. Shutdown order
 (uvicorn's): stop accepting → tell clients → bounded wait for sessions →
 cancel with a reason → close ports → mark and sync the rings. What is disabled,
@@ -29,17 +29,19 @@ from .console import Console
 from .disabling import Disabling
 from .errors import SerialmuxError
 from .heap import Heap
+from .instancelock import InstanceLock
 from .log import Audit, get_logger
 from .mfa import TotpStore
 from .port import VMPort
 from .ring import RecordKind, RingReader, RingWriter, Skipped
-from .rings import Rings
+from .rings import REMOVED, Rings
 from .sdnotify import Notifier
 from .sshd import Listeners
 
 if TYPE_CHECKING:
     from .control import ControlServer
     from .discovery import Discovery
+    from .reload import ReloadResult
 
 if TYPE_CHECKING:
     from .session import Session
@@ -61,6 +63,7 @@ class Daemon:
     def __init__(self, config: Config, *, audit: Audit | None = None,
                  notifier: Notifier | None = None, freeze_heap: bool = False) -> None:
         self.config = config
+        self.config_at_start = config  # what settings that need a restart are compared with
         self._owns_audit = audit is None
         self.audit = audit or Audit(config.server.audit_file)
         self.notifier = notifier or Notifier()
@@ -95,6 +98,8 @@ class Daemon:
         self._last_status = ""
         # gc.freeze() once ready, so full collections skip the consoles (serialmux.heap).
         self.heap = Heap(enabled=freeze_heap)
+        # One daemon per state_dir and runtime_dir, held while serve() runs.
+        self._lock = InstanceLock()
 
     # -- public ------------------------------------------------------------------
 
@@ -136,10 +141,12 @@ class Daemon:
 
     async def serve(self) -> None:
         """Run until :meth:`stop` (or SIGTERM/SIGINT); start-up errors raise."""
-        _raise_fd_limit(len(self.config.vms))
         server = self.config.server
-        for d in (self.state_dir, self.rings.dir, server.runtime_dir):
+        for d in (self.state_dir, server.runtime_dir):
             d.mkdir(mode=0o750, parents=True, exist_ok=True)
+        self._take_lock()  # before any ring, port or socket: another daemon may own them
+        _raise_fd_limit(len(self.config.vms))
+        self.rings.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.disabling.load()
         self._install_signals()
         self.notifier.status("starting")
@@ -190,6 +197,19 @@ class Daemon:
                 self.audit.event("daemon_start", result="failed")
             if self._owns_audit:
                 self.audit.close()
+            self._lock.release()
+
+    def _take_lock(self) -> None:
+        """Lock state_dir and runtime_dir for this daemon (serialmux.instancelock); a second
+        daemon on either stops here, having touched nothing of the first one's."""
+        try:
+            self._lock.acquire({"server.state_dir": self.state_dir,
+                                "server.runtime_dir": self.config.server.runtime_dir})
+        except SerialmuxError as exc:
+            self.audit.event("daemon_start", result="failed", reason=str(exc))
+            if self._owns_audit:
+                self.audit.close()
+            raise
 
     def summary(self) -> str:
         """A one-line status for systemd and ``serialmux status``."""
@@ -266,9 +286,11 @@ class Daemon:
         """Add and start a console before serving (the configuration's, discovery's first scan)."""
         return self._add_console(vm, self.rings.open_at_start(vm))
 
-    async def add_console(self, vm: VMConfig) -> Console:
-        """Add and start a console while serving (reload, discovery); its port opens later."""
-        console = self._add_console(vm, await self.rings.open(vm))
+    async def add_console(self, vm: VMConfig,
+                          why: str = "console added by discovery") -> Console:
+        """Add and start a console while serving (reload, discovery); its port opens later.
+        *why* starts its ring's marker (the daemon did not just start)."""
+        console = self._add_console(vm, await self.rings.open(vm, why))
         self.status_changed()
         return console
 
@@ -291,7 +313,7 @@ class Daemon:
         console.flush_redacted()  # output held back by redaction goes in before the marker
         ring, console.ring = console.ring, None
         if ring is not None:
-            await self.rings.close(name, ring, RecordKind.NOTE, f"console removed: {reason}")
+            await self.rings.close(name, ring, RecordKind.NOTE, f"{REMOVED}: {reason}")
         self.heap.released()
         self.status_changed()
 
@@ -304,8 +326,10 @@ class Daemon:
         if console.ring is not None and console.ring.size != vm.ring_size:
             ring, console.ring = console.ring, None  # the port is stopped: nothing to log
             console.vm = vm  # the size a ring opened late must have
-            await self.rings.close(vm.name, ring)
-            console.ring = await self.rings.open(vm)
+            await self.rings.close(vm.name, ring, RecordKind.DAEMON_STOP,
+                                   "console closed to change its ring_size")
+            console.ring = await self.rings.open(vm, f"console reopened with a new ring of "
+                                                     f"{vm.ring_size} bytes (ring_size changed)")
         console.vm = vm
         console.port = VMPort(vm, console)
         console.hypervisor = None
@@ -439,8 +463,9 @@ class Daemon:
         except Exception:  # a reload bug must not take the running consoles down
             log.exception("reload_crashed")
 
-    async def reload(self, who: str = "SIGHUP") -> bool:
-        """Re-read and apply the configuration file; False (old config kept) if it has errors."""
+    async def reload(self, who: str = "SIGHUP") -> ReloadResult:
+        """Re-read and apply the configuration file; false (old config kept) if it has errors,
+        else what was not applied (listeners kept, settings that need a restart)."""
         from .reload import reload_daemon
 
         async with self.changes:

@@ -180,12 +180,20 @@ class Disabling:
         all VMs: the VM's runtime entry is cleared all the same, then
         :class:`SerialmuxError` says what still disables it and how to lift that.
         """
+        # The consoles refused now: each one this lets in again gets a ring marker, as
+        # disable() leaves one, so `serialmux logs` shows when the console came back.
+        refused = [c for c in (self.daemon.consoles.values() if vm is None
+                               else filter(None, [self.daemon.consoles.get(vm)]))
+                   if self.refusal(c) is not None]
         if vm is None:
             self._runtime_all = None
             self._copy_all()
         else:
             self.vms.pop(vm, None)
             self._copy(vm)
+        for console in refused:
+            if self.refusal(console) is None:
+                console.mark("ACTION", f"enabled by {who.user}", user=who.user, action="enable")
         unsaved = self._save()
         kept = self._still_disabled(vm)
         self.daemon.audit.event(

@@ -3,7 +3,9 @@
 :func:`plan_reload` is pure: it compares two :class:`~serialmux.config.Config`
 values and says which consoles to add, remove, reopen or update, and which
 settings only a restart can change. :func:`reload_daemon` runs on SIGHUP
-(``systemctl reload``) and on ``serialmux reload``: a config with errors is
+(``systemctl reload``) and on ``serialmux reload``, and returns a
+:class:`ReloadResult` (the control socket's reply: what was rejected, and what
+was left out): a config with errors is
 rejected with every error logged and the running one stays; otherwise the user
 CAs and revocation list are rebuilt from it. Access goes first: every open SSH
 connection's key or certificate is checked again (:mod:`serialmux.connections`:
@@ -69,6 +71,26 @@ class Plan:
         return ", ".join(parts)
 
 
+@dataclass
+class ReloadResult:
+    """What a reload did, for whoever asked (``serialmux reload``); true unless rejected.
+
+    A rejected reload (*errors*: the config has errors; the running one stays)
+    applied nothing. An applied one may still have left out what was asked:
+    *listeners_kept* says why the SSH listeners stayed as they were, and
+    *restart_needed* names the settings that change only on a restart.
+    """
+
+    applied: bool
+    path: str | None = None
+    errors: list[str] = field(default_factory=list)
+    listeners_kept: str | None = None
+    restart_needed: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.applied
+
+
 def plan_reload(old: Config, new: Config) -> Plan:
     """Compare the static VMs and server settings of *old* and *new*."""
     plan = Plan()
@@ -81,12 +103,19 @@ def plan_reload(old: Config, new: Config) -> Plan:
         elif before != vm:
             plan.updated.append(vm)
     plan.removed = [name for name in old.vms if name not in new.vms]
-    for name in ("state_dir", "runtime_dir", "audit_file", "enabled"):
-        if getattr(old.server, name) != getattr(new.server, name):
-            plan.restart_needed.append(f"server.{name}")
-    if old.discovery != new.discovery:
-        plan.restart_needed.append("discovery")
+    plan.restart_needed = restart_needed(old, new)
     return plan
+
+
+def restart_needed(started: Config, new: Config) -> list[str]:
+    """The settings of *new* that differ from *started*'s and only a restart applies.
+
+    The daemon compares with the config it started with, not the last one
+    reloaded: a change is pending until the restart, and one reverted is not.
+    """
+    names = [f"server.{name}" for name in ("state_dir", "runtime_dir", "audit_file", "enabled")
+             if getattr(started.server, name) != getattr(new.server, name)]
+    return names + (["discovery"] if started.discovery != new.discovery else [])
 
 
 def access_lost(config: Config, identity: Identity, vm: str, writer: bool) -> str | None:
@@ -112,8 +141,8 @@ def _new_redactor(console: Console, vm: VMConfig) -> None:
     console.redactor = Redactor(vm.redact) if vm.redact else None
 
 
-async def reload_daemon(daemon: Daemon, who: str) -> bool:
-    """Re-read ``daemon.config.path`` and apply it; False if it was rejected.
+async def reload_daemon(daemon: Daemon, who: str) -> ReloadResult:
+    """Re-read ``daemon.config.path`` and apply it; say what was rejected or left out.
 
     Runs under ``daemon.changes`` (the caller holds it), so reloads and
     discovery never interleave.
@@ -124,7 +153,7 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
     if path is None:
         log.error("reload_impossible", reason="the configuration was not read from a file")
         notifier.ready(daemon.summary())
-        return False
+        return ReloadResult(False, errors=["the configuration was not read from a file"])
     log.info("reloading", path=str(path), by=who)
     try:
         new = await asyncio.to_thread(load_config, path)
@@ -139,29 +168,33 @@ async def reload_daemon(daemon: Daemon, who: str) -> bool:
                            reason=f"{'; '.join(str(e) for e in errors)}; old config kept")
         notifier.ready(f"{daemon.summary()}; reload rejected ({len(errors)} errors), "
                        "running the previous config")
-        return False
+        return ReloadResult(False, str(path), errors=[str(e) for e in errors])
     # The listeners change whole or not at all, and never hold the rest back: a removed
     # user must go even if a new address cannot be bound.
     listening: PendingListeners | None = None
+    kept = None
     try:
         listening = await daemon.listeners.prepare(new)
-        listeners = None
     except ListenerError as exc:
-        listeners = f"kept as they were: {exc}"
-        log.error("reload_listeners_kept", reason=str(exc))
+        kept = str(exc)
+        log.error("reload_listeners_kept", reason=kept)
     try:
-        return await _apply(daemon, new, cas, who, listening, listeners)
+        plan = await _apply(daemon, new, cas, who, listening,
+                            None if kept is None else f"kept as they were: {kept}")
+        return ReloadResult(True, str(path), listeners_kept=kept,
+                            restart_needed=plan.restart_needed)
     finally:
         if listening is not None:
             Listeners.abort(listening)  # if the reload ended early: nothing left listening
 
 
 async def _apply(daemon: Daemon, new: Config, cas: dict[bytes, str], who: str,
-                 listening: PendingListeners | None, listeners: str | None) -> bool:
-    """Apply a loaded config (the second half of :func:`reload_daemon`)."""
+                 listening: PendingListeners | None, listeners: str | None) -> Plan:
+    """Apply a loaded config (the second half of :func:`reload_daemon`); return its plan."""
     notifier = daemon.notifier
     path = new.path
     plan = plan_reload(daemon.config, new)
+    plan.restart_needed = restart_needed(daemon.config_at_start, new)
     old = daemon.config
     daemon.config = new
     daemon.user_cas = cas
@@ -213,7 +246,7 @@ async def _apply(daemon: Daemon, new: Config, cas: dict[bytes, str], who: str,
             if discovered.redact != vm.redact:
                 _new_redactor(daemon.consoles[vm.name], vm)
         else:
-            await daemon.add_console(vm)
+            await daemon.add_console(vm, "console added by a configuration reload")
     for vm in plan.updated:
         daemon.consoles[vm.name].use_config(vm)
     for console in daemon.consoles.values():  # the reload says each pty: path is right
@@ -236,4 +269,4 @@ async def _apply(daemon: Daemon, new: Config, cas: dict[bytes, str], who: str,
     log.info("reloaded", changes=plan.describe(), disconnected=kicked)
     notifier.ready(daemon.summary())
     daemon.status_changed()
-    return True
+    return plan

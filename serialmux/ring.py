@@ -61,6 +61,7 @@ from serialmux.ringfile import (
     _max_payload,
     _open_flags,
     _os_error,
+    _Rec,
     _RingFile,
     _span,
 )
@@ -133,6 +134,7 @@ class RingWriter(_RingFile):
         self.recovered_from: Path | None = None
         self.recovered_reason: str | None = None
         self.resized_from: int | None = None  # the ring's size before open() resized it
+        self.resized_after: Record | None = None  # and its newest record then (how it ended)
         self.bytes_written = 0
         self._off = HEADER_SIZE
         self._seq = 1
@@ -247,7 +249,7 @@ class RingWriter(_RingFile):
                 used, first = used + span, seq
             new = RingWriter.open(tmp, size, sync_create=False)
             try:
-                kept = 0
+                kept, last = 0, None
                 if first is not None:
                     new._seq = first
                     for r in reader.records(from_seq=first):
@@ -257,7 +259,7 @@ class RingWriter(_RingFile):
                             new._write(r.kind, r.payload, r.time_ns)
                         elif r.kind is RecordKind.OUTPUT:  # smaller records now: split it
                             new.append(r.payload, time_ns=r.time_ns)
-                        kept += 1
+                        kept, last = kept + 1, r
                 dropped = len(spans) - kept
                 new.marker(RecordKind.NOTE, f"ring resized from {old_size} to {size} bytes"
                            + (f"; its {dropped} oldest records did not fit" if dropped else ""),
@@ -269,7 +271,7 @@ class RingWriter(_RingFile):
         old, self._fd = self._fd, -1
         os.close(old)
         self._fd, _ = _open_or_create(self.path)
-        self.resized_from = old_size
+        self.resized_from, self.resized_after = old_size, last
 
     def _move_aside(self, why: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -289,6 +291,20 @@ class RingWriter(_RingFile):
     def next_seq(self) -> int:
         """The sequence number the next record will get."""
         return self._seq
+
+    def last_record(self) -> Record | None:
+        """The newest record (None in an empty ring): e.g. how the previous writer stopped."""
+        off = self._last_off
+        if not off:
+            return None
+        try:  # two small reads, not a read-ahead: cheap for thousands of rings at start
+            head = os.pread(self._fd, REC_HEADER, off)
+            length = _REC.unpack_from(head)[3] if len(head) == REC_HEADER else 0
+            rec = self._parse(head + os.pread(self._fd, _span(length) - REC_HEADER,
+                                              off + REC_HEADER), 0, off)
+        except OSError as exc:
+            raise _os_error(self.path, exc) from exc
+        return rec.public() if isinstance(rec, _Rec) else None
 
     @property
     def max_payload(self) -> int:

@@ -2,8 +2,10 @@
 
 :mod:`serialmux.ring` is the file format; this module is the daemon's use of
 it. :class:`Rings` (``Daemon.rings``) opens each console's ring under
-``state_dir/rings`` and marks the start in it, runs the sync loop, and closes
-the rings with a last marker.
+``state_dir/rings`` and marks the start in it (saying so when the ring's last
+record is not a clean-stop marker: the daemon was killed, and output printed
+meanwhile may be missing), runs the sync loop, and closes the rings with a last
+marker.
 
 At start-up every ring is opened on the loop thread (:meth:`Rings.open_at_start`):
 nothing is served yet, and thousands of rings open fastest without a thread
@@ -22,18 +24,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import VMConfig
 from .errors import RingError, SerialmuxError
 from .log import get_logger
-from .ring import SYNC_INTERVAL, SYNCFS_FROM, RecordKind, RingWriter, fdatasync_all
+from .ring import SYNC_INTERVAL, SYNCFS_FROM, Record, RecordKind, RingWriter, fdatasync_all
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = get_logger(__name__)
+
+#: The markers of a ring's writer starting and stopping: the daemon's start and stop, a
+#: console removed while serving (NOTE). A ring that ends in neither stop marker was not
+#: closed: the next start marker says so (:func:`_unclean_stop`).
+STARTED = "serialmux started"
+STOPPED = "serialmux stopped"
+REMOVED = "console removed"
 
 CHECKPOINT_ROUNDS = 10  # a changing ring writes its checkpoint every 10th sync round
 RING_WAIT = 5.0  # the longest a reload or discovery change waits on one ring's disk
@@ -56,7 +66,7 @@ class Rings:
 
     def open_at_start(self, vm: VMConfig) -> RingWriter | None:
         """*vm*'s ring, opened and marked on the loop thread (before serving); None if unusable."""
-        return self._opened(vm, self._open(vm))
+        return self._opened(vm, self._open(vm), STARTED)
 
     def _open(self, vm: VMConfig) -> RingWriter | None:
         """Create or recover *vm*'s ring; None (logged) if it cannot be used. Thread-safe."""
@@ -70,8 +80,9 @@ class Rings:
             log.error("ring_unusable", vm=vm.name, path=str(path), error=str(exc))
             return None
 
-    def _opened(self, vm: VMConfig, ring: RingWriter | None) -> RingWriter | None:
-        """Audit a ring moved aside and mark the start in *ring* (loop thread); return it."""
+    def _opened(self, vm: VMConfig, ring: RingWriter | None, text: str) -> RingWriter | None:
+        """Audit a ring moved aside and mark the start in *ring* with *text* (loop thread);
+        return it. The marker says too when the ring's previous writer did not close it."""
         if ring is None:
             return None
         path = ring.path
@@ -84,7 +95,9 @@ class Rings:
             log.info("ring_resized", vm=vm.name, path=str(path), old_size=ring.resized_from,
                      size=ring.size)
         try:
-            ring.marker(RecordKind.DAEMON_START, "serialmux started")
+            # A resized ring ends in the note saying so: how it ended is the record before.
+            last = ring.resized_after if ring.resized_from is not None else ring.last_record()
+            ring.marker(RecordKind.DAEMON_START, text + _unclean_stop(last))
         except (RingError, OSError) as exc:  # the console reports it on its next write
             log.error("ring_write_failed", vm=vm.name, error=str(exc))
         return ring
@@ -95,15 +108,16 @@ class Rings:
     # console, nor hold a reload or discovery change for long: each waits at most
     # RING_WAIT, and the work finishes in the background.
 
-    async def open(self, vm: VMConfig) -> RingWriter | None:
-        """*vm*'s ring, opened in a worker thread; None if that takes over :data:`RING_WAIT`.
+    async def open(self, vm: VMConfig, text: str) -> RingWriter | None:
+        """*vm*'s ring, opened in a worker thread and marked with *text* (why it opens now:
+        the daemon did not just start); None if that takes over :data:`RING_WAIT`.
 
         A ring that opens later is adopted by its console then (the output read
         meanwhile is not in it), or closed if the console is gone, has a ring of
         its own by then, or the daemon is stopping.
         """
         opening = asyncio.get_running_loop().run_in_executor(None, self._open, vm)
-        late = functools.partial(self._opened_late, vm)
+        late = functools.partial(self._opened_late, vm, text)
         try:
             await asyncio.wait({opening}, timeout=RING_WAIT)
         except asyncio.CancelledError:  # shutdown: the ring, when it opens, is closed
@@ -114,9 +128,10 @@ class Rings:
                       hint="the console runs without its ring until the disk answers")
             opening.add_done_callback(late)
             return None
-        return self._opened(vm, opening.result())
+        return self._opened(vm, opening.result(), text)
 
-    def _opened_late(self, vm: VMConfig, opening: asyncio.Future[RingWriter | None]) -> None:
+    def _opened_late(self, vm: VMConfig, text: str,
+                     opening: asyncio.Future[RingWriter | None]) -> None:
         ring = None if opening.cancelled() or opening.exception() else opening.result()
         if ring is None:
             return
@@ -124,7 +139,7 @@ class Rings:
         if console is not None and console.ring is None and console.vm.ring_size == ring.size \
                 and not self.daemon.stopping:
             log.info("ring_open_late", vm=vm.name)
-            console.ring = self._opened(vm, ring)
+            console.ring = self._opened(vm, ring, text)
         else:
             try:
                 asyncio.get_running_loop().run_in_executor(None, _close_ring, vm.name, ring)
@@ -147,8 +162,7 @@ class Rings:
         for console in self.daemon.consoles.values():
             console.flush_redacted()
             if console.ring is not None:
-                _close_ring(console.name, console.ring, RecordKind.DAEMON_STOP,
-                            "serialmux stopped")
+                _close_ring(console.name, console.ring, RecordKind.DAEMON_STOP, STOPPED)
                 console.ring = None
 
     async def sync_loop(self) -> None:
@@ -215,3 +229,19 @@ def _close_ring(vm: str, ring: RingWriter, kind: RecordKind | None = None,
         ring.close()
     except (RingError, OSError) as exc:
         log.error("ring_close_failed", vm=vm, error=str(exc))
+
+
+def _unclean_stop(last: Record | None) -> str:
+    """What to add to a start marker when the ring's previous writer did not close it.
+
+    A ring closed cleanly ends in ``serialmux stopped`` (DAEMON_STOP) or, for a
+    console removed while serving, ``console removed: ...`` (NOTE); anything else
+    last (output, a start marker) means the daemon was killed or crashed, and the
+    guest's output between then and now was read by nobody.
+    """
+    if last is None or last.kind is RecordKind.DAEMON_STOP or (
+            last.kind is RecordKind.NOTE and last.text().startswith(REMOVED)):
+        return ""
+    when = datetime.fromtimestamp(last.time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return (f"; the previous run did not stop cleanly (its last record here is from "
+            f"{when[:-3]}Z): output printed while serialmux was not running may be missing")

@@ -538,3 +538,61 @@ async def test_nmi_reset_sysrq_through_qmp(tmp_path: Path, users: dict[str, User
             await g.wait_audit("command", action=args[0], result="ok", user="root")
         sent = [name for name, _ in fake.commands]
         assert {"inject-nmi", "system_reset", "send-key"} <= set(sent)
+
+
+async def test_a_config_with_errors_is_reported_never_guessed(gw: Gateway, tmp_path: Path
+                                                              ) -> None:
+    """reload/status with a --config that does not load exit 1 naming file, line and key, and
+    reach no daemon: not the default /run/serialmux, nor a runtime_dir read from a bad file."""
+    assert gw.daemon is not None
+    syntax = tmp_path / "syntax.toml"
+    syntax.write_text('[server]\nlisten = ["127.0.0.1:2222"\n')
+    result = await run_cli("reload", "--config", str(syntax))
+    assert result.status == 1
+    assert re.search(rf"{re.escape(str(syntax))}:\d+: TOML syntax", result.err), result.err
+    assert "/run/serialmux" not in result.err
+    assert "configuration reloaded" not in result.out
+    # Valid TOML naming this daemon's runtime_dir, with an error elsewhere: still not used.
+    semantic = tmp_path / "semantic.toml"
+    semantic.write_text(f'[server]\nruntime_dir = "{gw.daemon.config.server.runtime_dir}"\n'
+                        '[vms.web-01]\nport = "ptty:/dev/pts/1"\n')
+    for command in ("reload", "status"):
+        result = await run_cli(command, "--config", str(semantic))
+        assert result.status == 1, result.out
+        assert f"{semantic}:4: vms.web-01.port: unknown port type 'ptty'" in result.err
+    assert not [e for e in gw.audit_events if e["event"] in ("reload", "control")]
+
+
+@pytest.mark.skipif(Path("/etc/serialmux/serialmux.toml").exists(),
+                    reason="this host has a default configuration file")
+async def test_status_without_config_reads_the_default_file_like_logs() -> None:
+    """status without --config reads /etc/serialmux/serialmux.toml as logs does: missing, it
+    says so and exits 1 instead of quietly asking /run/serialmux."""
+    for args in (("status",), ("logs", "web-01")):
+        result = await run_cli(*args)
+        assert result.status == 1
+        assert "/etc/serialmux/serialmux.toml: cannot read: No such file or directory" \
+            in result.err, result.err
+        assert "/run/serialmux" not in result.err
+
+
+async def test_enable_leaves_a_marker_where_disable_did(gw: Gateway) -> None:
+    """enable VM, and enable (all) on each VM it lets in again, write 'enabled by USER' to the
+    ring as disable writes 'disabled by USER: ...'; a VM still disabled on its own, or one
+    that was never disabled, gets none."""
+    import pwd
+
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    steps = [("disable", "web-01", "--reason", "a"), ("enable", "web-01"),
+             ("enable", "web-01"),  # not disabled: nothing to mark
+             ("disable", "--reason", "all down"), ("disable", "web-01", "--reason", "own"),
+             ("enable",),  # web-01 stays disabled on its own: no marker
+             ("enable", "web-01")]
+    for step in steps:
+        result = await run_cli(*step, *cfg(gw))
+        assert result.status == 0, (step, result.err)
+    logs = await run_cli("logs", "web-01", *cfg(gw))
+    assert logs.status == 0, logs.err
+    marked = re.findall(r"-- serialmux: \S+ ((?:en|dis)abled by [^-]*) --", logs.out)
+    assert marked == [f"disabled by {me}: a", f"enabled by {me}", f"disabled by {me}: all down",
+                      f"disabled by {me}: own", f"enabled by {me}"]

@@ -219,14 +219,24 @@ async def test_a_reload_cuts_lost_access_before_it_waits_on_a_disk(
 
 
 async def test_bad_reload_keeps_the_running_config(gw: Gateway, users: dict[str, User]) -> None:
-    """A config with errors is rejected (exit 1 from the CLI) and the old one stays in force."""
+    """A config with errors is rejected (exit 1 from the CLI, the errors named) and the old
+    one stays in force: the CLI reads the file first, and the daemon rejects it too when the
+    CLI was pointed at another, good file (same runtime_dir)."""
     assert gw.daemon is not None
     before = gw.daemon.config
+    good = gw.tmp / "good.toml"
+    good.write_text(gw.toml())
     gw.config_path.write_text(gw.toml() + '[vms.bad]\nport = "ptty:/dev/nope"\n'
                               '[vms."no/slash"]\nport = "pty:/dev/pts/1"\n')
     result = await run_cli("reload", "--config", str(gw.config_path))
     assert result.status == 1
-    assert "configuration has errors" in result.err
+    assert f"{gw.config_path}:" in result.err
+    assert "vms.bad.port: unknown port type" in result.err
+    assert not [e for e in gw.audit_events if e["event"] == "reload"]  # never asked
+    result = await run_cli("reload", "--config", str(good))
+    assert result.status == 1
+    assert "configuration has errors; the running one stays:" in result.err
+    assert "vms.bad.port: unknown port type" in result.err
     await gw.wait_audit("reload", result="failed")
     assert gw.daemon.config is before
     assert set(gw.daemon.consoles) == {"web-01"}
@@ -820,5 +830,65 @@ async def test_a_reload_that_changes_ring_size_keeps_the_scrollback(
     assert output.index(b"before the resize") < output.index(b"printed after it")
     assert any(r.kind is RecordKind.NOTE and "ring resized from 1048576 to 131072 bytes"
                in r.text() for r in records)
+    assert not any("did not stop cleanly" in r.text() for r in records)
     assert not list(path.parent.glob("web-01.ring.*"))  # no .bad, no .resize left behind
     await c.close()
+
+
+async def test_cli_reload_names_what_was_not_applied_and_exits_1(gw: Gateway) -> None:
+    """serialmux reload: an added address in use (listeners kept) and a changed state_dir
+    (needs a restart) are each named on stderr, exit 1, the rest applied; the file put
+    back, the next reload applies everything: exit 0, nothing on stderr."""
+    assert gw.daemon is not None
+    original = gw.toml()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        gw.config_path.write_text(
+            original.replace('listen = ["127.0.0.1:0"]',
+                             f'listen = ["127.0.0.1:0", "127.0.0.1:{busy}"]')
+            .replace(f'state_dir = "{gw.tmp}/state"', f'state_dir = "{gw.tmp}/state-new"')
+            + '[vms.web-09]\nport = "pty:/dev/pts/999"\n')
+        result = await run_cli("reload", "--config", str(gw.config_path))
+    assert result.status == 1, result
+    assert result.out == (f"configuration reloaded from {gw.config_path}, "
+                          "2 change(s) not applied\n")
+    errors = result.err.splitlines()
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("serialmux: not applied: the SSH listeners were kept as they "
+                                "were: cannot listen: ")
+    assert "address already in use" in errors[0]
+    assert errors[1] == ("serialmux: not applied: server.state_dir changed: it takes effect "
+                         "when serialmux restarts (systemctl restart serialmux)")
+    assert "web-09" in gw.daemon.consoles  # the rest was applied
+    gw.config_path.write_text(original)
+    result = await run_cli("reload", "--config", str(gw.config_path))
+    assert (result.status, result.err) == (0, "")
+    assert result.out == f"configuration reloaded from {gw.config_path}\n"
+
+
+async def test_a_console_added_by_reload_is_marked_so_not_as_a_daemon_start(
+        spare: list[PtyVM], gw: Gateway) -> None:
+    """A VM added by a reload gets 'console added by a configuration reload' in its ring, not
+    'serialmux started'; removed and added again, its ring (closed with 'console removed')
+    is not reported as left by an unclean stop."""
+    assert gw.daemon is not None
+    path = gw.daemon.rings.path("web-11")
+
+    def starts() -> list[str]:
+        with RingReader(path) as reader:
+            return [r.text() for r in reader.records()
+                    if isinstance(r, Record) and r.kind is RecordKind.DAEMON_START]
+
+    gw.vms = {**gw.vms, "web-11": spare[0].port}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    assert starts() == ["console added by a configuration reload"]
+    gw.vms = {k: v for k, v in gw.vms.items() if k != "web-11"}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    gw.vms = {**gw.vms, "web-11": spare[0].port}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    assert starts() == ["console added by a configuration reload"] * 2

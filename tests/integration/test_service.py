@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -181,3 +182,122 @@ async def test_watchdog_pings_at_half_the_interval(
     proc.send_signal(signal.SIGTERM)
     async with asyncio.timeout(20):
         assert await proc.wait() == 0
+
+
+def ring_records(tmp_path: Path) -> list[tuple[RecordKind, bytes]]:
+    """web-01's ring as (kind, payload) pairs."""
+    with RingReader(tmp_path / "state" / "rings" / "web-01.ring") as reader:
+        return [(r.kind, r.payload) for r in reader.records() if not isinstance(r, Skipped)]
+
+
+async def test_second_serve_on_the_same_dirs_exits_at_once_touching_nothing(
+        service: tuple[asyncio.subprocess.Process, Path, PtyVM, User], manager: Manager,
+        tmp_path: Path) -> None:
+    """A second serve on the same state_dir (or only the same runtime_dir) exits 1 with one line
+    naming the lock file and the first one's PID; the first one's ring gets no marker and its
+    session, port and control socket carry on."""
+    proc, conf, vm, alice = service
+    await manager.wait_for("READY", "1", timeout=30)
+    port = await ssh_port(conf)
+    conn = await asyncssh.connect("127.0.0.1", port, username="web-01", client_keys=[alice.key],
+                                  known_hosts=None, agent_path=None)
+    try:
+        process = await conn.create_process(term_type="xterm", encoding=None)
+        await manager.wait_for("STATUS", "1 sessions")
+        before = ring_records(tmp_path)
+
+        second = await run_cli("serve", "--config", str(conf))
+        lock = tmp_path / "state" / "serialmux.lock"
+        assert second.status == 1, second.err
+        assert second.err.strip().splitlines() == [
+            f"serialmux: another serialmux (pid {proc.pid}) is running on this "
+            f"server.state_dir: {lock} is locked; stop it first (systemctl stop serialmux), "
+            "or give this one its own server.state_dir"]
+        assert '"vm"' not in second.out  # no ring, no port, no QMP was opened
+        # Only the runtime_dir shared: the control socket is not taken over either.
+        other = tmp_path / "other.toml"
+        other.write_text(conf.read_text().replace(f'state_dir = "{tmp_path}/state"',
+                                                  f'state_dir = "{tmp_path}/state2"'))
+        third = await run_cli("serve", "--config", str(other))
+        assert third.status == 1, third.err
+        assert f"server.runtime_dir: {tmp_path / 'run' / 'serialmux.lock'} is locked" in third.err
+        assert not (tmp_path / "state2" / "rings").exists()
+
+        assert ring_records(tmp_path) == before
+        vm.write(b"still-here\r\n")
+        got = b""
+        async with asyncio.timeout(WAIT):
+            while b"still-here" not in got:
+                got += await process.stdout.read(4096)
+        process.stdin.write(b"typed-after\r")
+        await vm.wait_received(b"typed-after")
+        assert await ssh_port(conf) == port  # the control socket is still the first one's
+        assert proc.returncode is None
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(20):
+        assert await proc.wait() == 0
+    assert ring_records(tmp_path)[-1][0] is RecordKind.DAEMON_STOP
+
+
+async def wait_in_ring(tmp_path: Path, text: bytes) -> None:
+    """Wait until web-01's ring holds *text* in its output (another process writes it)."""
+    async with asyncio.timeout(WAIT):
+        while not any(k is RecordKind.OUTPUT and text in p for k, p in ring_records(tmp_path)):
+            await asyncio.sleep(0.02)
+
+
+async def test_kill_9_leaves_an_unclean_stop_marker_on_the_next_start(
+        tmp_path: Path, short_dir: Path, manager: Manager, users: dict[str, User],
+        vm: PtyVM) -> None:
+    """After kill -9, the next start marker says the previous run did not stop cleanly, when
+    the ring's last record was written, and that output may be missing (serialmux logs shows
+    it between the old output and the new); the lock does not outlive the killed daemon; after
+    a clean stop the next start marker is plain."""
+    vm.start()
+    conf = tmp_path / "serialmux.toml"
+    conf.write_text(gateway_toml(tmp_path, {"web-01": vm.port}, [users["alice"]]))
+    env = {**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")}
+    ready = -1
+
+    async def serve() -> asyncio.subprocess.Process:
+        nonlocal ready
+        with (tmp_path / "daemon.log").open("ab") as log:
+            proc = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).with_name("serialmux")), "serve", "--config", str(conf),
+                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+        ready = await manager.wait_for("READY", "1", after=ready + 1, timeout=30)
+        return proc
+
+    proc = await serve()
+    try:
+        vm.write(b"tick-10\r\n")
+        await wait_in_ring(tmp_path, b"tick-10")
+        last_before = ring_records(tmp_path)[-1]
+        proc.kill()
+        await proc.wait()
+        proc = await serve()
+        vm.write(b"tick-28\r\n")
+        await wait_in_ring(tmp_path, b"tick-28")
+        logs = await run_cli("logs", "web-01", "--config", str(conf))
+        assert logs.status == 0, logs.err
+        with RingReader(tmp_path / "state" / "rings" / "web-01.ring") as reader:
+            last_time = [r for r in reader.records() if not isinstance(r, Skipped)
+                         and r.payload == last_before[1]][-1].time_ns
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(last_time // 10**9))
+        marker = re.search(r"-- serialmux: \S+ serialmux started; the previous run did not stop "
+                           rf"cleanly \(its last record here is from {stamp}\.\d{{3}}Z\): output "
+                           r"printed while serialmux was not running may be missing --", logs.out)
+        assert marker is not None, logs.out
+        assert logs.out.index("tick-10") < marker.start() < logs.out.index("tick-28")
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+        proc = await serve()
+        starts = [p for k, p in ring_records(tmp_path) if k is RecordKind.DAEMON_START]
+        assert json.loads(starts[-1]) == {"text": "serialmux started"}
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
