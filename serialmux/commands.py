@@ -24,7 +24,7 @@ from . import actions
 from .access import Action, Identity, allowed
 from .config import Role
 from .console import Console
-from .errors import SerialmuxError
+from .errors import AccessDenied, SerialmuxError
 from .logs import follow_logs, parse_since, write_logs
 from .sshd import server_of
 
@@ -108,6 +108,7 @@ def logs_parser() -> _Parser:
 class _Out:
     def __init__(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         self.process = process
+        self.audited = False  # actions.perform wrote the command's audit event
 
     def line(self, text: str) -> None:
         self.process.stdout.write((text + "\n").encode())
@@ -128,20 +129,35 @@ async def run(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes], console
     name, args = (argv[0], argv[1:]) if argv else ("help", [])
     handler = _COMMANDS.get(name)
     base = {"vm": console.name, "user": identity.user, "session": identity.session_id,
-            "peer": identity.peer, "command": name}
+            "peer": identity.peer}
     if handler is None:
-        daemon.audit.event("refused", reason="unknown command", **base)
+        daemon.audit.event("refused", reason="unknown command", command=name, **base)
         out.err(f"unknown command {name!r}: there is no shell here; try 'help'")
         return 2
+    # One `command` event per command, as actions.perform writes for break, sysrq,
+    # nmi and reset (which then write it themselves): who ran what on which VM.
+    result = "failed"
+    reason: str | None = "ended before it finished (disconnected)"
     try:
         status: int = await handler(daemon, process, out, console, identity, role, args)
+        result, reason = "ok", None
         return status
     except UsageError as exc:
+        result, reason = "refused", str(exc)
         out.err(str(exc))
         return 2
-    except SerialmuxError as exc:
+    except AccessDenied as exc:
+        result, reason = "refused", str(exc)
         out.err(str(exc))
         return 1
+    except SerialmuxError as exc:
+        reason = str(exc)
+        out.err(str(exc))
+        return 1
+    finally:
+        if not out.audited:
+            daemon.audit.event("command", action=name, arg=" ".join(args) or None,
+                               result=result, reason=reason, **base)
 
 
 Handler = Callable[..., Any]
@@ -198,6 +214,7 @@ async def _status(daemon: Daemon, process: Any, out: _Out, console: Console,
 
 async def _action(action: Action, daemon: Daemon, out: _Out, console: Console,
                   identity: Identity, arg: str | None) -> int:
+    out.audited = True  # perform audits every outcome
     out.line(await actions.perform(daemon, console, identity, action, arg))
     return 0
 
@@ -234,7 +251,7 @@ async def _disable(daemon: Daemon, process: Any, out: _Out, console: Console,
     p.add_argument("--all", action="store_true", help="every VM, not just this one")
     ns = p.parse_args(args)
     if not allowed(role, Action.DISABLE):
-        raise SerialmuxError("disable needs the owner role")
+        raise AccessDenied("disable needs the owner role", user=identity.user, vm=console.name)
     reason: str = ns.reason
     if len(reason) > MAX_REASON or not reason.isprintable():
         raise UsageError(f"disable: --reason must be printable text of at most {MAX_REASON} "
@@ -254,7 +271,7 @@ def _check_owner_of_all(daemon: Daemon, identity: Identity, command: str) -> Non
         daemon.audit.event("refused", user=identity.user, session=identity.session_id,
                            peer=identity.peer, command=command, vm="*",
                            reason="--all needs the owner role on every VM")
-        raise SerialmuxError(
+        raise AccessDenied(
             f"{command} --all needs the owner role on every VM, and you are not owner of "
             f"{len(lacking)} of them; {command} each VM you own instead, or ask an "
             "administrator (serialmux CLI on the host)")
@@ -267,7 +284,7 @@ async def _enable(daemon: Daemon, process: Any, out: _Out, console: Console, ide
     p.add_argument("--all", action="store_true")
     ns = p.parse_args(args)
     if not allowed(role, Action.DISABLE):
-        raise SerialmuxError("enable needs the owner role")
+        raise AccessDenied("enable needs the owner role", user=identity.user, vm=console.name)
     if ns.all:
         _check_owner_of_all(daemon, identity, "enable")
     out.line(daemon.disabling.enable(None if ns.all else console.name, identity))
@@ -281,7 +298,7 @@ async def _kick(daemon: Daemon, process: Any, out: _Out, console: Console, ident
     p.add_argument("--user")
     ns = p.parse_args(args)
     if not allowed(role, Action.KICK):
-        raise SerialmuxError("kick needs the owner role")
+        raise AccessDenied("kick needs the owner role", user=identity.user, vm=console.name)
     out.line(daemon.kick(console, ns.user, identity))
     return 0
 

@@ -1,0 +1,66 @@
+"""The gateway's exec commands over real SSH: usage errors, audit, limits, disable's reason."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.support import WAIT, Gateway, User
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def wait_for(predicate: Any, timeout: float = WAIT) -> None:
+    """Wait until *predicate()* is true; the loop runs meanwhile (the daemon is in it)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def commands_of(gw: Gateway, **match: Any) -> list[dict[str, Any]]:
+    """The `command` audit events so far with the given fields."""
+    return [e for e in gw.audit_events
+            if e["event"] == "command" and all(e.get(k) == v for k, v in match.items())]
+
+
+@pytest.mark.parametrize(("command", "user"), [
+    ("logs", "carol"), ("who", "carol"), ("status", "carol"), ("help", "carol"),
+])
+async def test_every_exec_command_is_audited_with_its_vm(gw: Gateway, users: dict[str, User],
+                                                        command: str, user: str) -> None:
+    """logs, who, status and help each write one `command` event naming the VM and result."""
+    conn = await gw.connect(users[user], "web-01")
+    result = await conn.run(command, encoding=None)
+    assert result.exit_status == 0
+    rec = await gw.wait_audit("command", action=command, user=user)
+    assert rec["vm"] == "web-01"
+    assert rec["result"] == "ok"
+    assert {"session", "peer"} <= rec.keys()
+    assert len(commands_of(gw, action=command)) == 1
+
+
+@pytest.mark.parametrize("command", ["kick", "disable --reason x", "enable"])
+async def test_owner_commands_refused_for_lower_roles_are_audited(
+        gw: Gateway, users: dict[str, User], command: str) -> None:
+    """kick, disable and enable by a contributor exit 1 and are audited as refused commands."""
+    conn = await gw.connect(users["bob"], "web-01")
+    result = await conn.run(command, encoding=None)
+    assert result.exit_status == 1
+    assert b"needs the owner role" in result.stderr
+    name = command.split()[0]
+    rec = await gw.wait_audit("command", action=name, user="bob", result="refused")
+    assert rec["vm"] == "web-01"
+    assert "owner role" in rec["reason"]
+
+
+async def test_exec_action_is_audited_once(gw: Gateway, users: dict[str, User]) -> None:
+    """An exec `break` writes exactly one `command` event (actions.perform's), not two."""
+    conn = await gw.connect(users["alice"], "web-01")
+    result = await conn.run("break", encoding=None)
+    await gw.wait_audit("command", action="break", user="alice")
+    assert result.exit_status in (0, 1)
+    await (await gw.connect(users["alice"], "web-01")).run("who", encoding=None)
+    await gw.wait_audit("command", action="who", user="alice")
+    assert len(commands_of(gw, action="break")) == 1
