@@ -89,7 +89,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser(name: str) -> _Parser:
-    return _Parser(prog=name, add_help=False, exit_on_error=False)
+    # exit_on_error stays True: argparse then hands every ArgumentError (a bad
+    # value, a missing one) to error() above. With False it raises them instead.
+    return _Parser(prog=name, add_help=False)
 
 
 def logs_parser() -> _Parser:
@@ -145,6 +147,10 @@ async def run(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes], console
     except UsageError as exc:
         result, reason = "refused", str(exc)
         out.err(str(exc))
+        return 2
+    except argparse.ArgumentError as exc:  # in case a parser raises one past error()
+        result, reason = "refused", f"{name}: {exc}"
+        out.err(reason)
         return 2
     except AccessDenied as exc:
         result, reason = "refused", str(exc)

@@ -66,6 +66,12 @@ async def handle(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes]) -> N
     except (asyncssh.DisconnectError, asyncssh.ConnectionLost, BrokenPipeError,
             ConnectionError):
         return
+    except Exception:
+        # A bug in one command or session must end that channel only: escaping
+        # the process factory, it would close the whole connection with no word,
+        # every session multiplexed on it (OpenSSH ControlMaster) too.
+        log.exception("session_crashed", session=identity.session_id, user=identity.user)
+        _error(process, "internal error; this session ended (see the daemon's log)")
     with contextlib.suppress(OSError, asyncssh.Error):
         process.exit(status)
 

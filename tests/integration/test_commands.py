@@ -64,3 +64,44 @@ async def test_exec_action_is_audited_once(gw: Gateway, users: dict[str, User]) 
     await (await gw.connect(users["alice"], "web-01")).run("who", encoding=None)
     await gw.wait_audit("command", action="who", user="alice")
     assert len(commands_of(gw, action="break")) == 1
+
+
+@pytest.mark.parametrize("command", [
+    "logs --lines abc", "logs --lines 1e9", "logs --lines", "logs --since", "kick --user",
+    "disable --reason",
+])
+async def test_bad_option_value_ends_only_that_command(gw: Gateway, users: dict[str, User],
+                                                      command: str) -> None:
+    """A bad or missing option value is a usage error (exit 2, argparse's words on stderr,
+    audited as refused); the connection and its interactive console session carry on."""
+    conn = await gw.connect(users["alice"], "web-01")
+    console = await conn.create_process(term_type="xterm", encoding=None)
+    await gw.wait_audit("attach", user="alice")
+    result = await asyncio.wait_for(conn.run(command, encoding=None), WAIT)
+    name = command.split()[0]
+    assert result.exit_status == 2
+    assert result.stderr.startswith(f"serialmux: {name}: argument ".encode()), result.stderr
+    rec = await gw.wait_audit("command", action=name, user="alice", result="refused")
+    assert rec["reason"].startswith(f"{name}: argument ")
+    assert not console.stdout.at_eof()
+    assert (await asyncio.wait_for(conn.run("who", encoding=None), WAIT)).exit_status == 0
+    assert not [e for e in gw.audit_events if e["event"] == "detach"]
+    console.close()
+
+
+@pytest.mark.parametrize(("login", "words"), [
+    ("web-01+replay=\u1369", b"replay takes a number of lines in ASCII digits"),
+    ("web-01+replay=1000000", b"replay=1000000 is out of range: replay=N takes 0 to 100000"),
+    ("web-01+replay=" + "9" * 40, b"replay=999999999999\xe2\x80\xa6 is out of range"),
+])
+async def test_bad_replay_value_is_refused_and_says_why(gw: Gateway, users: dict[str, User],
+                                                       login: str, words: bytes) -> None:
+    """+replay= with a non-ASCII digit or out of range is refused (exit 2, audited) and says
+    the range; the connection stays up."""
+    conn = await gw.connect(users["carol"], login)
+    for _ in range(2):  # the first refusal leaves the connection usable
+        result = await asyncio.wait_for(conn.run("who", encoding=None), WAIT)
+        assert result.exit_status == 2
+        assert words in result.stderr, result.stderr
+    rec = await gw.wait_audit("refused", user="carol")
+    assert "replay" in rec["reason"]
