@@ -42,7 +42,8 @@ commands (ssh -p PORT VM@HOST COMMAND):
   sysrq KEY                 Magic SysRq KEY, e.g. 'sysrq h' (contributor)
   nmi                       inject an NMI (contributor)
   reset                     hard-reset the VM (contributor)
-  disable [--reason TEXT]   refuse new attaches, close current ones (owner)
+  disable [--reason TEXT...] refuse new attaches, close current ones (owner);
+                            the reason is the rest of the words
   enable                    allow attaching again (owner)
   kick [--user USER]        disconnect the writer, or USER's sessions (owner)
 """
@@ -253,12 +254,14 @@ async def _sysrq(daemon: Daemon, process: Any, out: _Out, console: Console, iden
 async def _disable(daemon: Daemon, process: Any, out: _Out, console: Console,
                    identity: Identity, role: Role, args: list[str]) -> int:
     p = _parser("disable")
-    p.add_argument("--reason", default="")
+    # The rest of the words: OpenSSH sends `disable --reason kernel upgrade` for
+    # `ssh VM@host disable --reason "kernel upgrade"` (it joins its arguments with spaces).
+    p.add_argument("--reason", nargs="+", default=[])
     p.add_argument("--all", action="store_true", help="every VM, not just this one")
     ns = p.parse_args(args)
     if not allowed(role, Action.DISABLE):
         raise AccessDenied("disable needs the owner role", user=identity.user, vm=console.name)
-    reason: str = ns.reason
+    reason = " ".join(ns.reason)
     if len(reason) > MAX_REASON or not reason.isprintable():
         raise UsageError(f"disable: --reason must be printable text of at most {MAX_REASON} "
                          "characters (no control characters or newlines)")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from typing import Any
 
 import pytest
 
-from tests.support import WAIT, Gateway, User
+from tests.support import WAIT, Gateway, User, openssh_args
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,3 +106,19 @@ async def test_bad_replay_value_is_refused_and_says_why(gw: Gateway, users: dict
         assert words in result.stderr, result.stderr
     rec = await gw.wait_audit("refused", user="carol")
     assert "replay" in rec["reason"]
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+@pytest.mark.parametrize("words", [["kernel", "upgrade"], ["kernel upgrade"]])
+async def test_disable_reason_of_several_words_over_openssh(gw: Gateway, users: dict[str, User],
+                                                           words: list[str]) -> None:
+    """ssh VM@host disable --reason kernel upgrade (OpenSSH joins its words with spaces): the
+    reason is the rest of the words."""
+    args = [*openssh_args(gw, users["alice"], "web-01", "-n"), "disable", "--reason", *words]
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(WAIT * 2):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert b"disabled web-01: kernel upgrade" in out
+    await gw.wait_audit("disable", vm="web-01", reason="kernel upgrade")
