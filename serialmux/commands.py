@@ -363,11 +363,16 @@ async def _run_logs(daemon: Daemon, process: Any, console: Console, identity: Id
 
     reader = loop.run_in_executor(_logs_executor, work)
     reader.add_done_callback(_retrieve)  # read below, or not at all if we are cancelled
-    # EOF on stdin ends a follow; a one-shot runs to its end (`ssh -n`, `</dev/null`).
+    # EOF on stdin ends a follow, after the tail: `ssh -n VM@host logs -f` and
+    # `</dev/null` get EOF at once, and still get the tail. A one-shot runs to its end.
     closed: asyncio.Future[Any] = (asyncio.ensure_future(_wait_eof(process)) if ns.follow
                                    else loop.create_future())  # never set: runs to its end
+    closed.add_done_callback(_retrieve)
     try:
         await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
+        if not reader.done():
+            stop.set()  # the worker writes the tail, then follows one more poll and returns
+            await asyncio.wait({reader})
     finally:
         stop.set()
         channel.close_now()  # a write waiting for the client fails now, not at its timeout
@@ -387,7 +392,7 @@ async def _run_logs(daemon: Daemon, process: Any, console: Console, identity: Id
     return 0
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
+def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
 

@@ -94,6 +94,22 @@ async def test_logs_over_openssh_with_stdin_closed_prints_it_all(
     assert out.endswith(b"line 19999\r\n")
 
 
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+async def test_logs_follow_with_stdin_closed_prints_the_tail_then_ends(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """ssh -n VM@host logs -f -n 5 (stdin at EOF at once): the tail is printed, every time;
+    then EOF ends the follow with status 0."""
+    await print_lines(gw, vm, 30)
+    for _ in range(5):  # it was a race: most runs printed nothing
+        args = [*openssh_args(gw, users["carol"], "web-01", "-n"), "logs", "-f", "-n", "5"]
+        proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(WAIT * 2):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        assert out == b"".join(f"line {i:05d}\r\n".encode() for i in range(25, 30)), out
+
+
 async def test_cli_logs_reads_ring_while_daemon_runs_and_follows(
         gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
     """serialmux logs VM prints the tail; -f then shows output printed afterwards."""
