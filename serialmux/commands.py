@@ -56,10 +56,14 @@ MAX_REASON = 200
 # ``logs`` reads rings in threads of its own, never the loop's default executor
 # (reload, BREAK and ring syncs run there). ``logs -f`` holds a thread for as
 # long as it follows, so follows are capped per user and in all, leaving
-# threads for one-shot ``logs``; a one-shot waits for a free thread.
+# threads for one-shot ``logs``; a one-shot waits for a free thread. A one-shot
+# also holds its thread while its client does not read (up to stall_timeout),
+# so one-shots are capped per user too: one user holds at most
+# MAX_FOLLOWS_PER_USER + MAX_ONESHOTS_PER_USER threads, half of them.
 LOGS_WORKERS = 16
 MAX_FOLLOWS = 12
 MAX_FOLLOWS_PER_USER = 4
+MAX_ONESHOTS_PER_USER = 4
 STDIN_CHUNK = 4096
 # ``logs`` output goes out LOGS_CHUNK bytes at a time, each write waiting until
 # the client can take more (wait_drained), so a client that opens a huge SSH
@@ -69,6 +73,7 @@ LOGS_CHUNK = 64 * 1024
 LOOP_MARGIN = 10.0  # seconds a worker allows the loop beyond stall_timeout
 _logs_executor = ThreadPoolExecutor(max_workers=LOGS_WORKERS, thread_name_prefix="serialmux-logs")
 _follows: collections.Counter[str] = collections.Counter()
+_oneshots: collections.Counter[str] = collections.Counter()
 
 
 def clean_text(text: str, limit: int = MAX_REASON) -> str:
@@ -79,6 +84,10 @@ def clean_text(text: str, limit: int = MAX_REASON) -> str:
 
 class UsageError(SerialmuxError):
     """A command line could not be parsed."""
+
+
+class Refused(SerialmuxError):
+    """The command is not run now: a limit (audited as ``refused``, exit status 1)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,7 +162,7 @@ async def run(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes], console
         result, reason = "refused", f"{name}: {exc}"
         out.err(reason)
         return 2
-    except AccessDenied as exc:
+    except (AccessDenied, Refused) as exc:
         result, reason = "refused", str(exc)
         out.err(str(exc))
         return 1
@@ -325,22 +334,23 @@ async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, ident
         except ValueError as exc:
             raise UsageError(f"logs: --since: {exc}") from None
     user = identity.user
-    if ns.follow:
-        if _follows[user] >= MAX_FOLLOWS_PER_USER or sum(_follows.values()) >= MAX_FOLLOWS:
-            daemon.audit.event("refused", vm=console.name, user=user,
-                               session=identity.session_id, peer=identity.peer, command="logs",
-                               reason="too many logs -f")
-            raise SerialmuxError(
-                f"logs -f: too many follows open (at most {MAX_FOLLOWS_PER_USER} per user, "
-                f"{MAX_FOLLOWS} in all); close one, or use logs without -f")
-        _follows[user] += 1
+    running = _follows if ns.follow else _oneshots
+    if ns.follow and (_follows[user] >= MAX_FOLLOWS_PER_USER
+                      or sum(_follows.values()) >= MAX_FOLLOWS):
+        raise Refused(
+            f"logs -f: too many follows open (at most {MAX_FOLLOWS_PER_USER} per user, "
+            f"{MAX_FOLLOWS} in all); close one, or use logs without -f")
+    if not ns.follow and _oneshots[user] >= MAX_ONESHOTS_PER_USER:
+        raise Refused(
+            f"logs: too many logs running for {user} (at most {MAX_ONESHOTS_PER_USER} at once "
+            "per user, besides logs -f); wait for one to end, and read each one's output")
+    running[user] += 1
     try:
         return await _run_logs(daemon, process, console, identity, ns, since)
     finally:
-        if ns.follow:
-            _follows[user] -= 1
-            if _follows[user] <= 0:
-                del _follows[user]
+        running[user] -= 1
+        if running[user] <= 0:
+            del running[user]
 
 
 async def _run_logs(daemon: Daemon, process: Any, console: Console, identity: Identity,
