@@ -205,6 +205,7 @@ class Session:
                               on_notice=self._on_notice, on_displaced=self._on_displaced,
                               on_closed=self._on_closed, on_data=self._on_data)
         self.parser = EscapeParser() if interactive else None
+        self.repeats = actions.Repeats(daemon.audit)  # audits repeated refused escapes sparingly
         self.offset = console.backlog.end
         self._notices: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
         self._pump_idle = False
@@ -261,6 +262,7 @@ class Session:
         finally:
             console.detach(self.att, self._end_reason)
             self.daemon.session_ended(self)
+            self.repeats.flush()
             self.daemon.audit.event(
                 "detach", vm=console.name, user=ident.user, session=ident.session_id,
                 peer=ident.peer, reason=self._end_reason, bytes_in=self.att.bytes_in,
@@ -504,10 +506,10 @@ class Session:
         if self.request.read_only:
             # +ro is a promise not to touch the VM: no BREAK, SysRq, NMI or reset either.
             ident = self.identity
-            self.daemon.audit.event("command", vm=self.console.name, user=ident.user,
-                                    session=ident.session_id, peer=ident.peer,
-                                    action=key.name.lower(), arg=arg, result="refused",
-                                    reason="read-only session (+ro)")
+            self.repeats.event("command", vm=self.console.name, user=ident.user,
+                               session=ident.session_id, peer=ident.peer,
+                               action=key.name.lower(), arg=arg, result="refused",
+                               reason="read-only session (+ro)")
             self._say(f"read-only session (+ro): {key.name.lower()} not sent; "
                       "log in without +ro to send it")
             return
@@ -519,7 +521,7 @@ class Session:
     async def _action(self, key: Key, arg: str | None) -> None:
         try:
             text = await actions.perform(self.daemon, self.console, self.identity,
-                                         actions.from_escape(key), arg)
+                                         actions.from_escape(key), arg, repeats=self.repeats)
         except SerialmuxError as exc:
             self._say(f"failed: {exc}")
         else:

@@ -536,3 +536,18 @@ async def test_a_port_that_opens_after_failing_says_so_in_the_log(
                 await recovered.wait()
             assert heard[0]["was"].startswith("ENOENT")
             assert g.console("web-01").up
+
+
+async def test_repeated_refused_escapes_are_audited_sparingly(gw: Gateway,
+                                                              users: dict[str, User]) -> None:
+    """A reader typing ^] b 1000 times: a bounded number of `command` refused events whose
+    counts (1 each, or suppressed=N) add up to 1000 by detach."""
+    c = await gw.attach(users["carol"], "web-01+replay=0")
+    await c.wait_out(b"(read-only)")
+    c.send(b"\x1db" * 1000 + b"\x1d.")
+    await gw.wait_audit("detach", user="carol")
+    refused = [e for e in gw.audit_events if e["event"] == "command" and e["user"] == "carol"]
+    assert all(e["action"] == "break" and e["result"] == "refused" for e in refused)
+    assert len(refused) <= 5, len(refused)
+    assert sum(e.get("suppressed", 1) for e in refused) == 1000
+    await c.close()
