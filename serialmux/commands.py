@@ -37,7 +37,8 @@ commands (ssh -p PORT VM@HOST COMMAND):
   who                       who is attached: the writer and the watchers
   status                    console state and, with QMP, the VM's run state
   logs [--lines N] [--boot] [--since WHEN] [--timestamps] [--json] [--raw] [-f]
-                            scrollback from the ring (reader)
+                            scrollback from the ring (reader); --lines counts lines
+                            of guest output, with --json too (default 200)
   break                     send a serial BREAK (contributor)
   sysrq KEY                 Magic SysRq KEY, e.g. 'sysrq h' (contributor)
   nmi                       inject an NMI (contributor)
@@ -104,10 +105,20 @@ def _parser(name: str) -> _Parser:
     return _Parser(prog=name, add_help=False)
 
 
+def _count(text: str) -> int:
+    """A ``--lines`` value: a whole number, 0 or more."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise argparse.ArgumentTypeError(
+            f"takes a number of lines, 0 or more (e.g. --lines 500), not {text[:20]!r}")
+    return int(text)
+
+
 def logs_parser() -> _Parser:
     """The options of ``logs``, shared with the local CLI's wording."""
     p = _parser("logs")
-    p.add_argument("-n", "--lines", type=int, default=200)
+    # Lines of guest output, also with --json: the records holding the last N
+    # lines, the first cut to where its line starts (markers among them kept).
+    p.add_argument("-n", "--lines", type=_count, default=200)
     p.add_argument("--boot", action="store_true")
     p.add_argument("--since")
     p.add_argument("--timestamps", action="store_true")

@@ -393,3 +393,25 @@ async def test_one_reader_cannot_starve_everybodys_logs(
     assert not any(e["event"] == "logs_stalled" for e in gw.audit_events)
     assert all(not s.closed for s in held if s.got_output)
     await gw.wait_audit("command", action="logs", user="carol", result="refused")
+
+
+async def test_logs_lines_counts_guest_lines_in_text_and_json(gw: Gateway,
+                                                             users: dict[str, User]) -> None:
+    """--lines N is N lines of guest output with and without --json (JSON cuts the first
+    record at its line start); a negative N is a usage error."""
+    ring = gw.console("web-01").ring
+    ring.append(b"one\r\ntwo\r\nthree\r\nfour\r\n")  # one record, four lines
+    ring.append(b"five\r\n")
+    conn = await gw.connect(users["carol"], "web-01")
+    text = await conn.run("logs --lines 3", encoding=None)
+    assert text.stdout == b"three\r\nfour\r\nfive\r\n"
+    as_json = await conn.run("logs --json --lines 3", encoding=None)
+    records = [json.loads(x) for x in as_json.stdout.splitlines()]
+    assert [r["kind"] for r in records] == ["output", "output"]
+    assert "".join(r["data"] for r in records).encode() == text.stdout
+    for bad in ("-5", "abc"):
+        result = await conn.run(f"logs --lines {bad}", encoding=None)
+        assert result.exit_status == 2
+        assert b"serialmux: logs: argument -n/--lines: takes a number of lines, 0 or more" \
+            in result.stderr
+        assert result.stdout == b""
