@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import WAIT, Gateway, User, openssh_args
+from tests.support import WAIT, Gateway, PtyVM, User, gateway, openssh_args
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -122,3 +124,27 @@ async def test_disable_reason_of_several_words_over_openssh(gw: Gateway, users: 
     assert proc.returncode == 0, err
     assert b"disabled web-01: kernel upgrade" in out
     await gw.wait_audit("disable", vm="web-01", reason="kernel upgrade")
+
+
+async def test_all_refusal_does_not_count_vms_without_a_grant(tmp_path: Path,
+                                                             users: dict[str, User]) -> None:
+    """disable/enable --all by an owner of some VMs is refused without saying how many VMs
+    there are that the user has no grant on."""
+    vms = [PtyVM() for _ in range(3)]
+    try:
+        for v in vms:
+            v.start()
+        async with gateway(tmp_path, vms=dict(zip(("web-01", "db-01", "db-02"),
+                                                  (v.port for v in vms), strict=True)),
+                           users={"alice": users["alice"]},
+                           grants=[(["alice"], ["web-01"], "owner")]) as gw:
+            conn = await gw.connect(users["alice"], "web-01")
+            for command in ("disable --all --reason x", "enable --all"):
+                result = await conn.run(command, encoding=None)
+                assert result.exit_status == 1
+                assert b"--all needs the owner role on every VM" in result.stderr
+                assert not re.search(rb"\d", result.stderr), result.stderr
+            await gw.wait_audit("command", action="disable", result="refused")
+    finally:
+        for v in vms:
+            v.close()
