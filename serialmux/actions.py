@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .qmp import Hypervisor
 
 SYSRQ_KEYS = re.compile(r"[0-9a-z]")
+SYSRQ_USAGE = "sysrq takes one key: 0-9 or a-z (e.g. 'h' for help)"
 
 _FROM_ESCAPE = {
     Key.BREAK: Action.BREAK,
@@ -112,12 +113,14 @@ def role_of(daemon: Daemon, identity: Identity, vm: str) -> Role | None:
 
 async def perform(
     daemon: Daemon, console: Console, identity: Identity, action: Action, arg: str | None = None,
-    *, repeats: Repeats | None = None,
+    *, repeats: Repeats | None = None, confirmed: bool = True,
 ) -> str:
     """Do *action* on *console* for *identity*; return a one-line result or raise.
 
     Refusals and failures are audited through *repeats* when given (a session's
-    escape keys, which a user can repeat as fast as they type).
+    escape keys, which a user can repeat as fast as they type). An escape's
+    NMI or reset comes *confirmed* False when it was not asked y/N because
+    the VM had no hypervisor control: it is only ever refused.
     """
     not_ok = daemon.audit.event if repeats is None else repeats.event
     audit = {
@@ -140,6 +143,9 @@ async def perform(
         not_ok("command", result="refused", reason=refusal, **audit)
         raise SerialmuxError(refusal)
     try:
+        if not confirmed and action in (Action.NMI, Action.RESET) and console.hypervisor:
+            raise SerialmuxError(f"{action.name} not sent: {console.name} has hypervisor "
+                                 "control only since you typed it; type the escape again")
         text = await _do(console, action, arg)
     except HypervisorError as exc:
         not_ok(
@@ -166,7 +172,7 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
         return await _break(console, hv)
     if action is Action.SYSRQ:
         if not arg or not SYSRQ_KEYS.fullmatch(arg):
-            raise SerialmuxError("sysrq takes one key: 0-9 or a-z (e.g. 'h' for help)")
+            raise SerialmuxError(SYSRQ_USAGE)
         if console.port.spec.telnet and console.up:
             await console.port.write_raw(bytes((IAC, BRK)) + arg.encode())
             return f"SysRq {arg} sent to {name} (BREAK + key on the serial line)"

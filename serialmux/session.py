@@ -32,7 +32,7 @@ from . import actions, commands, mfa
 from .access import Action, Identity, LoginRequest, allowed, parse_login
 from .console import Attachment, Console, ConsoleBusy
 from .errors import SerialmuxError
-from .escape import HELP_TEXT, Cancelled, Command, Confirm, EscapeParser, Unknown
+from .escape import CONFIRMED, HELP_TEXT, Cancelled, Command, Confirm, EscapeParser, Unknown
 from .escape import Action as Key
 from .log import get_logger
 from .sshd import server_of
@@ -454,6 +454,9 @@ class Session:
             if self.parser is None:
                 await self._type(data)
                 continue
+            # NMI and reset ask y/N only where the VM has something to send them with.
+            self.parser.confirm = CONFIRMED if self.console.hypervisor is not None \
+                else frozenset()
             for event in self.parser.feed(data):
                 if isinstance(event, bytes):
                     await self._type(event)
@@ -485,7 +488,8 @@ class Session:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.process.stdout.write(f"\r\n{what} {name}? [y/N] ".encode())
         elif isinstance(event, Cancelled):
-            self._say("cancelled")
+            self._say(f"cancelled: {actions.SYSRQ_USAGE}" if event.action is Key.SYSRQ
+                      else "cancelled")
         elif event.action is Key.DISCONNECT:
             self._say("disconnected")
             self.end("escape: disconnect")
@@ -493,9 +497,10 @@ class Session:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.process.stdout.write(b"\r\n" + HELP_TEXT.encode())
         else:
-            await self._start_action(event.action, event.arg)
+            await self._start_action(event.action, event.arg, confirmed=event.confirmed)
 
-    async def _start_action(self, key: Key, arg: str | None) -> None:
+    async def _start_action(self, key: Key, arg: str | None, *, confirmed: bool = True
+                            ) -> None:
         """Run an action in order with typing, or beside it when it goes to the hypervisor.
 
         BREAK (and SysRq over a telnet port) are bytes/line states on the serial
@@ -514,14 +519,15 @@ class Session:
                       "log in without +ro to send it")
             return
         if key is Key.BREAK or self._tasks is None:
-            await self._action(key, arg)
+            await self._action(key, arg, confirmed)
         else:
-            self._tasks.create_task(self._action(key, arg))
+            self._tasks.create_task(self._action(key, arg, confirmed))
 
-    async def _action(self, key: Key, arg: str | None) -> None:
+    async def _action(self, key: Key, arg: str | None, confirmed: bool = True) -> None:
         try:
             text = await actions.perform(self.daemon, self.console, self.identity,
-                                         actions.from_escape(key), arg, repeats=self.repeats)
+                                         actions.from_escape(key), arg, repeats=self.repeats,
+                                         confirmed=confirmed)
         except SerialmuxError as exc:
             self._say(f"failed: {exc}")
         else:
