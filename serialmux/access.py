@@ -71,7 +71,7 @@ MAX_REPLAY = 100_000
 
 OPTION_HELP = (
     "options after '+': ro (watch only), safe (do not take over; refuse if someone is typing), "
-    "replay=N (lines of scrollback shown on attach, default 20, 0 for none)"
+    f"replay=N (lines of scrollback shown on attach, 0 to {MAX_REPLAY}, default 20, 0 for none)"
 )
 
 
@@ -100,8 +100,18 @@ def parse_login(name: str) -> LoginRequest:
             read_only = True
         elif option == "safe":
             safe = True
-        elif key == "replay" and eq and value.isdigit() and int(value) <= MAX_REPLAY:
-            replay = int(value)
+        elif key == "replay" and eq and value.isascii() and value.isdigit():
+            # ASCII only: str.isdigit() is true for digits int() refuses ("፩").
+            # Length first: int() refuses strings of over 4300 digits.
+            if len(value.lstrip("0")) <= len(str(MAX_REPLAY)) and int(value) <= MAX_REPLAY:
+                replay = int(value)
+            else:
+                shown = value if len(value) <= 12 else value[:12] + "…"
+                errors.append(f"replay={shown} is out of range: replay=N takes 0 to "
+                              f"{MAX_REPLAY} lines")
+        elif key == "replay":
+            errors.append(f"replay takes a number of lines in ASCII digits: replay=N, 0 to "
+                          f"{MAX_REPLAY}")
         else:
             shown = option if option.isprintable() and len(option) <= 32 else "?"
             errors.append(f"unknown option {shown!r}; {OPTION_HELP}")

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .access import Action, Identity, allowed
 from .config import PortKind, Role
@@ -26,9 +29,11 @@ from .escape import Action as Key
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .log import Audit
     from .qmp import Hypervisor
 
 SYSRQ_KEYS = re.compile(r"[0-9a-z]")
+SYSRQ_USAGE = "sysrq takes one key: 0-9 or a-z (e.g. 'h' for help)"
 
 _FROM_ESCAPE = {
     Key.BREAK: Action.BREAK,
@@ -36,6 +41,62 @@ _FROM_ESCAPE = {
     Key.RESET: Action.RESET,
     Key.SYSRQ: Action.SYSRQ,
 }
+
+
+@dataclass(slots=True)
+class _Streak:
+    count: int = 0  # refusals seen with this key
+    held: int = 0  # of them not audited since the last event for this key
+    last: float = 0.0  # monotonic time of that last event
+    fields: dict[str, Any] | None = None
+
+
+class Repeats:
+    """Audit one session's repeated identical refusals sparingly.
+
+    A reader typing ``^] b`` in a loop would otherwise write an audit event (and
+    a log line) per keystroke. The first :attr:`FREE` refusals of each kind
+    (event, action, result, reason) are audited in full; later ones are
+    counted, and at most one summary event per :attr:`INTERVAL` seconds
+    carries ``suppressed=N``, the refusals it stands for. :meth:`flush` (at
+    detach) writes the rest. So the count adds up: events without
+    ``suppressed`` count one each, the others N.
+    """
+
+    FREE = 3
+    INTERVAL = 60.0
+
+    def __init__(self, audit: Audit, clock: Callable[[], float] = time.monotonic) -> None:
+        self._audit = audit
+        self._clock = clock
+        self._streaks: dict[tuple[object, ...], _Streak] = {}
+
+    def event(self, event: str, **fields: Any) -> None:
+        """Audit *event* now, or count it towards the next summary."""
+        key = (event, fields.get("action"), fields.get("result"), fields.get("reason"))
+        streak = self._streaks.setdefault(key, _Streak())
+        streak.count += 1
+        now = self._clock()
+        if streak.count <= self.FREE:
+            self._audit.event(event, **fields)
+            streak.last = now
+            return
+        streak.held += 1
+        streak.fields = fields
+        if now - streak.last >= self.INTERVAL:
+            self._summary(event, streak, now)
+
+    def flush(self) -> None:
+        """Write a summary for every kind with refusals not yet audited."""
+        now = self._clock()
+        for key, streak in self._streaks.items():
+            if streak.held:
+                self._summary(str(key[0]), streak, now)
+
+    def _summary(self, event: str, streak: _Streak, now: float) -> None:
+        self._audit.event(event, suppressed=streak.held, **(streak.fields or {}))
+        streak.held = 0
+        streak.last = now
 
 
 def from_escape(key: Key) -> Action:
@@ -51,9 +112,17 @@ def role_of(daemon: Daemon, identity: Identity, vm: str) -> Role | None:
 
 
 async def perform(
-    daemon: Daemon, console: Console, identity: Identity, action: Action, arg: str | None = None
+    daemon: Daemon, console: Console, identity: Identity, action: Action, arg: str | None = None,
+    *, repeats: Repeats | None = None, confirmed: bool = True,
 ) -> str:
-    """Do *action* on *console* for *identity*; return a one-line result or raise."""
+    """Do *action* on *console* for *identity*; return a one-line result or raise.
+
+    Refusals and failures are audited through *repeats* when given (a session's
+    escape keys, which a user can repeat as fast as they type). An escape's
+    NMI or reset comes *confirmed* False when it was not asked y/N because
+    the VM had no hypervisor control: it is only ever refused.
+    """
+    not_ok = daemon.audit.event if repeats is None else repeats.event
     audit = {
         "vm": console.name,
         "user": identity.user,
@@ -63,7 +132,7 @@ async def perform(
         "arg": arg,
     }
     if not allowed(role_of(daemon, identity, console.name), action):
-        daemon.audit.event("command", result="refused", reason="role too low", **audit)
+        not_ok("command", result="refused", reason="role too low", **audit)
         raise AccessDenied(
             f"{action.name.lower()} needs the contributor or owner role",
             user=identity.user,
@@ -71,17 +140,20 @@ async def perform(
         )
     refusal = daemon.disabling.refusal(console)
     if refusal:  # a disabled console takes nothing, from the SSH side or the host's CLI
-        daemon.audit.event("command", result="refused", reason=refusal, **audit)
+        not_ok("command", result="refused", reason=refusal, **audit)
         raise SerialmuxError(refusal)
     try:
+        if not confirmed and action in (Action.NMI, Action.RESET) and console.hypervisor:
+            raise SerialmuxError(f"{action.name} not sent: {console.name} has hypervisor "
+                                 "control only since you typed it; type the escape again")
         text = await _do(console, action, arg)
     except HypervisorError as exc:
-        daemon.audit.event(
+        not_ok(
             "command", result="failed", reason=str(exc), error_class=exc.error_class, **audit
         )
         raise
     except SerialmuxError as exc:
-        daemon.audit.event("command", result="failed", reason=str(exc), **audit)
+        not_ok("command", result="failed", reason=str(exc), **audit)
         raise
     daemon.audit.event("command", result="ok", **audit)
     what = action.name if action is not Action.SYSRQ else f"SysRq {arg}"
@@ -100,7 +172,7 @@ async def _do(console: Console, action: Action, arg: str | None) -> str:
         return await _break(console, hv)
     if action is Action.SYSRQ:
         if not arg or not SYSRQ_KEYS.fullmatch(arg):
-            raise SerialmuxError("sysrq takes one key: 0-9 or a-z (e.g. 'h' for help)")
+            raise SerialmuxError(SYSRQ_USAGE)
         if console.port.spec.telnet and console.up:
             await console.port.write_raw(bytes((IAC, BRK)) + arg.encode())
             return f"SysRq {arg} sent to {name} (BREAK + key on the serial line)"

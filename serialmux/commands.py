@@ -24,7 +24,7 @@ from . import actions
 from .access import Action, Identity, allowed
 from .config import Role
 from .console import Console
-from .errors import SerialmuxError
+from .errors import AccessDenied, SerialmuxError
 from .logs import follow_logs, parse_since, write_logs
 from .sshd import server_of
 
@@ -37,12 +37,14 @@ commands (ssh -p PORT VM@HOST COMMAND):
   who                       who is attached: the writer and the watchers
   status                    console state and, with QMP, the VM's run state
   logs [--lines N] [--boot] [--since WHEN] [--timestamps] [--json] [--raw] [-f]
-                            scrollback from the ring (reader)
+                            scrollback from the ring (reader); --lines counts lines
+                            of guest output, with --json too (default 200)
   break                     send a serial BREAK (contributor)
   sysrq KEY                 Magic SysRq KEY, e.g. 'sysrq h' (contributor)
   nmi                       inject an NMI (contributor)
   reset                     hard-reset the VM (contributor)
-  disable [--reason TEXT]   refuse new attaches, close current ones (owner)
+  disable [--reason TEXT...] refuse new attaches, close current ones (owner);
+                            the reason is the rest of the words
   enable                    allow attaching again (owner)
   kick [--user USER]        disconnect the writer, or USER's sessions (owner)
 """
@@ -55,10 +57,14 @@ MAX_REASON = 200
 # ``logs`` reads rings in threads of its own, never the loop's default executor
 # (reload, BREAK and ring syncs run there). ``logs -f`` holds a thread for as
 # long as it follows, so follows are capped per user and in all, leaving
-# threads for one-shot ``logs``; a one-shot waits for a free thread.
+# threads for one-shot ``logs``; a one-shot waits for a free thread. A one-shot
+# also holds its thread while its client does not read (up to stall_timeout),
+# so one-shots are capped per user too: one user holds at most
+# MAX_FOLLOWS_PER_USER + MAX_ONESHOTS_PER_USER threads, half of them.
 LOGS_WORKERS = 16
 MAX_FOLLOWS = 12
 MAX_FOLLOWS_PER_USER = 4
+MAX_ONESHOTS_PER_USER = 4
 STDIN_CHUNK = 4096
 # ``logs`` output goes out LOGS_CHUNK bytes at a time, each write waiting until
 # the client can take more (wait_drained), so a client that opens a huge SSH
@@ -68,6 +74,7 @@ LOGS_CHUNK = 64 * 1024
 LOOP_MARGIN = 10.0  # seconds a worker allows the loop beyond stall_timeout
 _logs_executor = ThreadPoolExecutor(max_workers=LOGS_WORKERS, thread_name_prefix="serialmux-logs")
 _follows: collections.Counter[str] = collections.Counter()
+_oneshots: collections.Counter[str] = collections.Counter()
 
 
 def clean_text(text: str, limit: int = MAX_REASON) -> str:
@@ -80,6 +87,10 @@ class UsageError(SerialmuxError):
     """A command line could not be parsed."""
 
 
+class Refused(SerialmuxError):
+    """The command is not run now: a limit (audited as ``refused``, exit status 1)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}")
@@ -89,13 +100,25 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser(name: str) -> _Parser:
-    return _Parser(prog=name, add_help=False, exit_on_error=False)
+    # exit_on_error stays True: argparse then hands every ArgumentError (a bad
+    # value, a missing one) to error() above. With False it raises them instead.
+    return _Parser(prog=name, add_help=False)
+
+
+def _count(text: str) -> int:
+    """A ``--lines`` value: a whole number, 0 or more."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise argparse.ArgumentTypeError(
+            f"takes a number of lines, 0 or more (e.g. --lines 500), not {text[:20]!r}")
+    return int(text)
 
 
 def logs_parser() -> _Parser:
     """The options of ``logs``, shared with the local CLI's wording."""
     p = _parser("logs")
-    p.add_argument("-n", "--lines", type=int, default=200)
+    # Lines of guest output, also with --json: the records holding the last N
+    # lines, the first cut to where its line starts (markers among them kept).
+    p.add_argument("-n", "--lines", type=_count, default=200)
     p.add_argument("--boot", action="store_true")
     p.add_argument("--since")
     p.add_argument("--timestamps", action="store_true")
@@ -108,6 +131,7 @@ def logs_parser() -> _Parser:
 class _Out:
     def __init__(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         self.process = process
+        self.audited = False  # actions.perform wrote the command's audit event
 
     def line(self, text: str) -> None:
         self.process.stdout.write((text + "\n").encode())
@@ -128,20 +152,39 @@ async def run(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes], console
     name, args = (argv[0], argv[1:]) if argv else ("help", [])
     handler = _COMMANDS.get(name)
     base = {"vm": console.name, "user": identity.user, "session": identity.session_id,
-            "peer": identity.peer, "command": name}
+            "peer": identity.peer}
     if handler is None:
-        daemon.audit.event("refused", reason="unknown command", **base)
+        daemon.audit.event("refused", reason="unknown command", command=name, **base)
         out.err(f"unknown command {name!r}: there is no shell here; try 'help'")
         return 2
+    # One `command` event per command, as actions.perform writes for break, sysrq,
+    # nmi and reset (which then write it themselves): who ran what on which VM.
+    result = "failed"
+    reason: str | None = "ended before it finished (disconnected)"
     try:
         status: int = await handler(daemon, process, out, console, identity, role, args)
+        result, reason = "ok", None
         return status
     except UsageError as exc:
+        result, reason = "refused", str(exc)
         out.err(str(exc))
         return 2
-    except SerialmuxError as exc:
+    except argparse.ArgumentError as exc:  # in case a parser raises one past error()
+        result, reason = "refused", f"{name}: {exc}"
+        out.err(reason)
+        return 2
+    except (AccessDenied, Refused) as exc:
+        result, reason = "refused", str(exc)
         out.err(str(exc))
         return 1
+    except SerialmuxError as exc:
+        reason = str(exc)
+        out.err(str(exc))
+        return 1
+    finally:
+        if not out.audited:
+            daemon.audit.event("command", action=name, arg=" ".join(args) or None,
+                               result=result, reason=reason, **base)
 
 
 Handler = Callable[..., Any]
@@ -198,6 +241,7 @@ async def _status(daemon: Daemon, process: Any, out: _Out, console: Console,
 
 async def _action(action: Action, daemon: Daemon, out: _Out, console: Console,
                   identity: Identity, arg: str | None) -> int:
+    out.audited = True  # perform audits every outcome
     out.line(await actions.perform(daemon, console, identity, action, arg))
     return 0
 
@@ -230,12 +274,14 @@ async def _sysrq(daemon: Daemon, process: Any, out: _Out, console: Console, iden
 async def _disable(daemon: Daemon, process: Any, out: _Out, console: Console,
                    identity: Identity, role: Role, args: list[str]) -> int:
     p = _parser("disable")
-    p.add_argument("--reason", default="")
+    # The rest of the words: OpenSSH sends `disable --reason kernel upgrade` for
+    # `ssh VM@host disable --reason "kernel upgrade"` (it joins its arguments with spaces).
+    p.add_argument("--reason", nargs="+", default=[])
     p.add_argument("--all", action="store_true", help="every VM, not just this one")
     ns = p.parse_args(args)
     if not allowed(role, Action.DISABLE):
-        raise SerialmuxError("disable needs the owner role")
-    reason: str = ns.reason
+        raise AccessDenied("disable needs the owner role", user=identity.user, vm=console.name)
+    reason = " ".join(ns.reason)
     if len(reason) > MAX_REASON or not reason.isprintable():
         raise UsageError(f"disable: --reason must be printable text of at most {MAX_REASON} "
                          "characters (no control characters or newlines)")
@@ -249,14 +295,14 @@ async def _disable(daemon: Daemon, process: Any, out: _Out, console: Console,
 def _check_owner_of_all(daemon: Daemon, identity: Identity, command: str) -> None:
     """Refuse ``--all`` unless *identity* is owner of every VM the gateway knows."""
     names = set(daemon.config.vms) | set(daemon.consoles)
-    lacking = sorted(n for n in names if daemon.config.role_for(identity.user, n) is not Role.OWNER)
-    if lacking:
+    if any(daemon.config.role_for(identity.user, n) is not Role.OWNER for n in names):
         daemon.audit.event("refused", user=identity.user, session=identity.session_id,
                            peer=identity.peer, command=command, vm="*",
                            reason="--all needs the owner role on every VM")
-        raise SerialmuxError(
+        raise AccessDenied(
+            # No count: it would tell how many VMs exist that this user has no grant on.
             f"{command} --all needs the owner role on every VM, and you are not owner of "
-            f"{len(lacking)} of them; {command} each VM you own instead, or ask an "
+            f"all of them; {command} each VM you own instead, or ask an "
             "administrator (serialmux CLI on the host)")
 
 
@@ -267,7 +313,7 @@ async def _enable(daemon: Daemon, process: Any, out: _Out, console: Console, ide
     p.add_argument("--all", action="store_true")
     ns = p.parse_args(args)
     if not allowed(role, Action.DISABLE):
-        raise SerialmuxError("enable needs the owner role")
+        raise AccessDenied("enable needs the owner role", user=identity.user, vm=console.name)
     if ns.all:
         _check_owner_of_all(daemon, identity, "enable")
     out.line(daemon.disabling.enable(None if ns.all else console.name, identity))
@@ -281,7 +327,7 @@ async def _kick(daemon: Daemon, process: Any, out: _Out, console: Console, ident
     p.add_argument("--user")
     ns = p.parse_args(args)
     if not allowed(role, Action.KICK):
-        raise SerialmuxError("kick needs the owner role")
+        raise AccessDenied("kick needs the owner role", user=identity.user, vm=console.name)
     out.line(daemon.kick(console, ns.user, identity))
     return 0
 
@@ -299,22 +345,23 @@ async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, ident
         except ValueError as exc:
             raise UsageError(f"logs: --since: {exc}") from None
     user = identity.user
-    if ns.follow:
-        if _follows[user] >= MAX_FOLLOWS_PER_USER or sum(_follows.values()) >= MAX_FOLLOWS:
-            daemon.audit.event("refused", vm=console.name, user=user,
-                               session=identity.session_id, peer=identity.peer, command="logs",
-                               reason="too many logs -f")
-            raise SerialmuxError(
-                f"logs -f: too many follows open (at most {MAX_FOLLOWS_PER_USER} per user, "
-                f"{MAX_FOLLOWS} in all); close one, or use logs without -f")
-        _follows[user] += 1
+    running = _follows if ns.follow else _oneshots
+    if ns.follow and (_follows[user] >= MAX_FOLLOWS_PER_USER
+                      or sum(_follows.values()) >= MAX_FOLLOWS):
+        raise Refused(
+            f"logs -f: too many follows open (at most {MAX_FOLLOWS_PER_USER} per user, "
+            f"{MAX_FOLLOWS} in all); close one, or use logs without -f")
+    if not ns.follow and _oneshots[user] >= MAX_ONESHOTS_PER_USER:
+        raise Refused(
+            f"logs: too many logs running for {user} (at most {MAX_ONESHOTS_PER_USER} at once "
+            "per user, besides logs -f); wait for one to end, and read each one's output")
+    running[user] += 1
     try:
         return await _run_logs(daemon, process, console, identity, ns, since)
     finally:
-        if ns.follow:
-            _follows[user] -= 1
-            if _follows[user] <= 0:
-                del _follows[user]
+        running[user] -= 1
+        if running[user] <= 0:
+            del running[user]
 
 
 async def _run_logs(daemon: Daemon, process: Any, console: Console, identity: Identity,
@@ -337,11 +384,16 @@ async def _run_logs(daemon: Daemon, process: Any, console: Console, identity: Id
 
     reader = loop.run_in_executor(_logs_executor, work)
     reader.add_done_callback(_retrieve)  # read below, or not at all if we are cancelled
-    # EOF on stdin ends a follow; a one-shot runs to its end (`ssh -n`, `</dev/null`).
+    # EOF on stdin ends a follow, after the tail: `ssh -n VM@host logs -f` and
+    # `</dev/null` get EOF at once, and still get the tail. A one-shot runs to its end.
     closed: asyncio.Future[Any] = (asyncio.ensure_future(_wait_eof(process)) if ns.follow
                                    else loop.create_future())  # never set: runs to its end
+    closed.add_done_callback(_retrieve)
     try:
         await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
+        if not reader.done():
+            stop.set()  # the worker writes the tail, then follows one more poll and returns
+            await asyncio.wait({reader})
     finally:
         stop.set()
         channel.close_now()  # a write waiting for the client fails now, not at its timeout
@@ -361,7 +413,7 @@ async def _run_logs(daemon: Daemon, process: Any, console: Console, identity: Id
     return 0
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
+def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
 

@@ -7,8 +7,10 @@ and ``virsh console``) followed by a key becomes a command event::
 
     ^] .    Command(DISCONNECT)           ^] ?    Command(HELP)
     ^] b    Command(BREAK)                ^] s K  Command(SYSRQ, "K")
-    ^] n    Confirm(NMI), then y/Y → Command(NMI), anything else → Cancelled(NMI)
-    ^] r    Confirm(RESET), then y/Y → Command(RESET), else → Cancelled(RESET)
+    ^] n    Confirm(NMI), then y/Y → Command(NMI, confirmed=True), else → Cancelled(NMI)
+    ^] r    Confirm(RESET), then y/Y → Command(RESET, confirmed=True), else → Cancelled(RESET)
+            (an action not in ``confirm``, one the VM has nothing to carry, comes
+            back at once as Command(action) to be refused: there is nothing to ask)
     ^] ^]   one literal 0x1d for the VM
     ^] X    Unknown(X): the session prints a hint, X is not sent
 
@@ -23,6 +25,7 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
+    "CONFIRMED",
     "HELP_TEXT",
     "SYSRQ_KEYS",
     "Action",
@@ -59,6 +62,7 @@ class Command:
 
     action: Action
     arg: str | None = None
+    confirmed: bool = False  # the user answered y to Confirm(action)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,8 @@ _CONFIRMED: dict[int, Action] = {
     ord("n"): Action.NMI,
     ord("r"): Action.RESET,
 }
+#: The actions that ask y/N first.
+CONFIRMED = frozenset(_CONFIRMED.values())
 _SYSRQ_KEY = ord("s")
 _YES = frozenset(b"yY")
 
@@ -137,7 +143,7 @@ class EscapeParser:
     One parser per session; it is not thread-safe and needs no event loop.
     """
 
-    __slots__ = ("_confirming", "_escape", "_state")
+    __slots__ = ("_confirming", "_escape", "_state", "confirm")
 
     def __init__(self, escape: int = DEFAULT_ESCAPE) -> None:
         if not 0 <= escape <= 0xFF:
@@ -145,6 +151,9 @@ class EscapeParser:
         self._escape = escape
         self._state = _State.NORMAL
         self._confirming = Action.NMI
+        #: Actions asked y/N before they are sent. The session takes out those the
+        #: VM cannot carry (no hypervisor control): asking first would be pointless.
+        self.confirm: frozenset[Action] = CONFIRMED
 
     @property
     def pending(self) -> bool:
@@ -203,7 +212,7 @@ class EscapeParser:
         self._state = _State.NORMAL
         if state is _State.CONFIRM:
             if key in _YES:
-                return Command(self._confirming)
+                return Command(self._confirming, confirmed=True)
             return Cancelled(self._confirming)
         if state is _State.SYSRQ:
             if key in SYSRQ_KEYS:
@@ -216,6 +225,8 @@ class EscapeParser:
         if action is not None:
             return Command(action)
         action = _CONFIRMED.get(key)
+        if action is not None and action not in self.confirm:
+            return Command(action)
         if action is not None:
             self._confirming = action
             self._state = _State.CONFIRM

@@ -32,7 +32,7 @@ from . import actions, commands, mfa
 from .access import Action, Identity, LoginRequest, allowed, parse_login
 from .console import Attachment, Console, ConsoleBusy
 from .errors import SerialmuxError
-from .escape import HELP_TEXT, Cancelled, Command, Confirm, EscapeParser, Unknown
+from .escape import CONFIRMED, HELP_TEXT, Cancelled, Command, Confirm, EscapeParser, Unknown
 from .escape import Action as Key
 from .log import get_logger
 from .sshd import server_of
@@ -66,6 +66,12 @@ async def handle(daemon: Daemon, process: asyncssh.SSHServerProcess[bytes]) -> N
     except (asyncssh.DisconnectError, asyncssh.ConnectionLost, BrokenPipeError,
             ConnectionError):
         return
+    except Exception:
+        # A bug in one command or session must end that channel only: escaping
+        # the process factory, it would close the whole connection with no word,
+        # every session multiplexed on it (OpenSSH ControlMaster) too.
+        log.exception("session_crashed", session=identity.session_id, user=identity.user)
+        _error(process, "internal error; this session ended (see the daemon's log)")
     with contextlib.suppress(OSError, asyncssh.Error):
         process.exit(status)
 
@@ -199,6 +205,7 @@ class Session:
                               on_notice=self._on_notice, on_displaced=self._on_displaced,
                               on_closed=self._on_closed, on_data=self._on_data)
         self.parser = EscapeParser() if interactive else None
+        self.repeats = actions.Repeats(daemon.audit)  # audits repeated refused escapes sparingly
         self.offset = console.backlog.end
         self._notices: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
         self._pump_idle = False
@@ -255,6 +262,7 @@ class Session:
         finally:
             console.detach(self.att, self._end_reason)
             self.daemon.session_ended(self)
+            self.repeats.flush()
             self.daemon.audit.event(
                 "detach", vm=console.name, user=ident.user, session=ident.session_id,
                 peer=ident.peer, reason=self._end_reason, bytes_in=self.att.bytes_in,
@@ -446,6 +454,9 @@ class Session:
             if self.parser is None:
                 await self._type(data)
                 continue
+            # NMI and reset ask y/N only where the VM has something to send them with.
+            self.parser.confirm = CONFIRMED if self.console.hypervisor is not None \
+                else frozenset()
             for event in self.parser.feed(data):
                 if isinstance(event, bytes):
                     await self._type(event)
@@ -477,7 +488,8 @@ class Session:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.process.stdout.write(f"\r\n{what} {name}? [y/N] ".encode())
         elif isinstance(event, Cancelled):
-            self._say("cancelled")
+            self._say(f"cancelled: {actions.SYSRQ_USAGE}" if event.action is Key.SYSRQ
+                      else "cancelled")
         elif event.action is Key.DISCONNECT:
             self._say("disconnected")
             self.end("escape: disconnect")
@@ -485,9 +497,10 @@ class Session:
             with contextlib.suppress(OSError, asyncssh.Error):
                 self.process.stdout.write(b"\r\n" + HELP_TEXT.encode())
         else:
-            await self._start_action(event.action, event.arg)
+            await self._start_action(event.action, event.arg, confirmed=event.confirmed)
 
-    async def _start_action(self, key: Key, arg: str | None) -> None:
+    async def _start_action(self, key: Key, arg: str | None, *, confirmed: bool = True
+                            ) -> None:
         """Run an action in order with typing, or beside it when it goes to the hypervisor.
 
         BREAK (and SysRq over a telnet port) are bytes/line states on the serial
@@ -498,22 +511,23 @@ class Session:
         if self.request.read_only:
             # +ro is a promise not to touch the VM: no BREAK, SysRq, NMI or reset either.
             ident = self.identity
-            self.daemon.audit.event("command", vm=self.console.name, user=ident.user,
-                                    session=ident.session_id, peer=ident.peer,
-                                    action=key.name.lower(), arg=arg, result="refused",
-                                    reason="read-only session (+ro)")
+            self.repeats.event("command", vm=self.console.name, user=ident.user,
+                               session=ident.session_id, peer=ident.peer,
+                               action=key.name.lower(), arg=arg, result="refused",
+                               reason="read-only session (+ro)")
             self._say(f"read-only session (+ro): {key.name.lower()} not sent; "
                       "log in without +ro to send it")
             return
         if key is Key.BREAK or self._tasks is None:
-            await self._action(key, arg)
+            await self._action(key, arg, confirmed)
         else:
-            self._tasks.create_task(self._action(key, arg))
+            self._tasks.create_task(self._action(key, arg, confirmed))
 
-    async def _action(self, key: Key, arg: str | None) -> None:
+    async def _action(self, key: Key, arg: str | None, confirmed: bool = True) -> None:
         try:
             text = await actions.perform(self.daemon, self.console, self.identity,
-                                         actions.from_escape(key), arg)
+                                         actions.from_escape(key), arg, repeats=self.repeats,
+                                         confirmed=confirmed)
         except SerialmuxError as exc:
             self._say(f"failed: {exc}")
         else:

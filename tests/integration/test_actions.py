@@ -163,6 +163,32 @@ async def test_escape_nmi_on_hanging_qmp_reports_failure_in_session(
     await c.close()
 
 
+@pytest.mark.parametrize(("key", "action"), [(b"n", "NMI"), (b"r", "RESET")])
+async def test_escape_nmi_or_reset_without_qmp_is_refused_at_once(
+    hv_gw: Gateway, users: dict[str, User], key: bytes, action: str
+) -> None:
+    """^] n / ^] r on a VM without qmp: refused at once saying no qmp is configured, no y/N
+    asked; the next key is typing again."""
+    c = await hv_gw.attach(users["bob"], "web-02+replay=0")
+    await c.wait_out(b"(writer)")
+    c.send(b"\x1d" + key)
+    await c.wait_out(f"failed: web-02: {action} is not available: no qmp".encode())
+    assert b"[y/N]" not in c.out
+    await hv_gw.wait_audit("command", action=action.lower(), result="failed", vm="web-02")
+    await c.close()
+
+
+async def test_escape_sysrq_with_an_invalid_key_says_which_keys_are_valid(
+    hv_gw: Gateway, users: dict[str, User]
+) -> None:
+    """^] s Z cancels, saying which keys SysRq takes (the exec command's words)."""
+    c = await hv_gw.attach(users["bob"], "web-01+replay=0")
+    await c.wait_out(b"(writer)")
+    c.send(b"\x1dsZ")
+    await c.wait_out(b"cancelled: sysrq takes one key: 0-9 or a-z")
+    await c.close()
+
+
 async def test_typing_is_not_held_while_an_escape_action_waits(
     hv_gw: Gateway, users: dict[str, User], vm: PtyVM, fake: FakeQMP
 ) -> None:

@@ -571,3 +571,18 @@ async def test_a_pty_path_that_is_not_there_is_named_in_the_reason(
     async with gateway(tmp_path, vms={"web-01": f"pty:{path}"}, users={"alice": users["alice"]},
                        grants=[(["alice"], ["*"], "owner")]) as g:
         assert g.console("web-01").down_reason == f"{path}: ENOENT: No such file or directory"
+
+
+async def test_repeated_refused_escapes_are_audited_sparingly(gw: Gateway,
+                                                              users: dict[str, User]) -> None:
+    """A reader typing ^] b 1000 times: a bounded number of `command` refused events whose
+    counts (1 each, or suppressed=N) add up to 1000 by detach."""
+    c = await gw.attach(users["carol"], "web-01+replay=0")
+    await c.wait_out(b"(read-only)")
+    c.send(b"\x1db" * 1000 + b"\x1d.")
+    await gw.wait_audit("detach", user="carol")
+    refused = [e for e in gw.audit_events if e["event"] == "command" and e["user"] == "carol"]
+    assert all(e["action"] == "break" and e["result"] == "refused" for e in refused)
+    assert len(refused) <= 5, len(refused)
+    assert sum(e.get("suppressed", 1) for e in refused) == 1000
+    await c.close()

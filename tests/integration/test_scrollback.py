@@ -8,6 +8,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
@@ -92,6 +93,22 @@ async def test_logs_over_openssh_with_stdin_closed_prints_it_all(
     assert proc.returncode == 0, err
     assert len(re.findall(rb"^line \d{5}\r$", out, re.MULTILINE)) == 20_000
     assert out.endswith(b"line 19999\r\n")
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+async def test_logs_follow_with_stdin_closed_prints_the_tail_then_ends(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """ssh -n VM@host logs -f -n 5 (stdin at EOF at once): the tail is printed, every time;
+    then EOF ends the follow with status 0."""
+    await print_lines(gw, vm, 30)
+    for _ in range(5):  # it was a race: most runs printed nothing
+        args = [*openssh_args(gw, users["carol"], "web-01", "-n"), "logs", "-f", "-n", "5"]
+        proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(WAIT * 2):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        assert out == b"".join(f"line {i:05d}\r\n".encode() for i in range(25, 30)), out
 
 
 async def test_cli_logs_reads_ring_while_daemon_runs_and_follows(
@@ -318,3 +335,83 @@ async def test_full_disk_under_the_ring_does_not_stop_the_console(
     await c.wait_out(b"disk is back\r\n")
     assert gw.console("web-01").ring_error is None
     await c.close()
+
+
+class _HeldLogs(asyncssh.SSHClientSession[bytes]):
+    """A `logs` client that stops reading at its first output (its window stays shut)."""
+
+    def __init__(self, changed: asyncio.Event) -> None:
+        self.changed = changed
+        self.chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self.got_output = False
+        self.err = bytearray()
+        self.closed = False
+
+    def connection_made(self, chan: Any) -> None:
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self.err += data
+        elif not self.got_output:
+            self.got_output = True
+            assert self.chan is not None
+            self.chan.pause_reading()
+        self.changed.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.changed.set()
+
+
+async def test_one_reader_cannot_starve_everybodys_logs(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """A reader's 2 x 10 one-shot logs that never read: past a per-user cap they are refused,
+    saying so, and another user's logs answers while hers are still held."""
+    line = b"y" * 99 + b"\n"
+    gw.console("web-01").ring.append(line * 2000)  # 200 KB: more than a window and a chunk
+    held: list[_HeldLogs] = []
+    changed = asyncio.Event()
+    for _ in range(2):
+        conn = await gw.connect(users["carol"], "web-01")
+        for _ in range(10):
+            _, session = await conn.create_session(
+                lambda: _HeldLogs(changed), "logs --lines 100000", encoding=None, window=1024)
+            held.append(session)
+    async with asyncio.timeout(WAIT):  # each is sending, or was refused
+        while not all(s.got_output or s.closed for s in held):
+            changed.clear()
+            await changed.wait()
+    refused = [s for s in held if s.closed]
+    assert refused, "no per-user cap on one-shot logs"
+    assert all(b"too many logs running for carol (at most 4" in s.err for s in refused)
+    result = await asyncio.wait_for(
+        (await gw.connect(users["alice"], "web-01")).run("logs -n 3", encoding=None), WAIT)
+    assert result.exit_status == 0
+    assert result.stdout == line * 3
+    # Answered while carol's were still held, not after stall_timeout freed their threads.
+    assert not any(e["event"] == "logs_stalled" for e in gw.audit_events)
+    assert all(not s.closed for s in held if s.got_output)
+    await gw.wait_audit("command", action="logs", user="carol", result="refused")
+
+
+async def test_logs_lines_counts_guest_lines_in_text_and_json(gw: Gateway,
+                                                             users: dict[str, User]) -> None:
+    """--lines N is N lines of guest output with and without --json (JSON cuts the first
+    record at its line start); a negative N is a usage error."""
+    ring = gw.console("web-01").ring
+    ring.append(b"one\r\ntwo\r\nthree\r\nfour\r\n")  # one record, four lines
+    ring.append(b"five\r\n")
+    conn = await gw.connect(users["carol"], "web-01")
+    text = await conn.run("logs --lines 3", encoding=None)
+    assert text.stdout == b"three\r\nfour\r\nfive\r\n"
+    as_json = await conn.run("logs --json --lines 3", encoding=None)
+    records = [json.loads(x) for x in as_json.stdout.splitlines()]
+    assert [r["kind"] for r in records] == ["output", "output"]
+    assert "".join(r["data"] for r in records).encode() == text.stdout
+    for bad in ("-5", "abc"):
+        result = await conn.run(f"logs --lines {bad}", encoding=None)
+        assert result.exit_status == 2
+        assert b"serialmux: logs: argument -n/--lines: takes a number of lines, 0 or more" \
+            in result.stderr
+        assert result.stdout == b""

@@ -134,7 +134,18 @@ def test_confirmed_yes(key: bytes, action: Action, answer: bytes) -> None:
     parser = EscapeParser()
     assert parser.feed(b"\x1d" + key) == [Confirm(action)]
     assert parser.pending
-    assert parser.feed(answer + b"ls") == [Command(action), b"ls"]
+    assert parser.feed(answer + b"ls") == [Command(action, confirmed=True), b"ls"]
+    assert not parser.pending
+
+
+@pytest.mark.parametrize(("key", "action"), [(b"n", Action.NMI), (b"r", Action.RESET)])
+def test_action_without_confirmation_comes_at_once_unconfirmed(key: bytes,
+                                                               action: Action) -> None:
+    """^]n / ^]r when the session takes them out of `confirm` (no hypervisor): an unconfirmed
+    Command at once, to be refused, and the next byte is typing, not an answer."""
+    parser = EscapeParser()
+    parser.confirm = frozenset()
+    assert parser.feed(b"\x1d" + key + b"y") == [Command(action, confirmed=False), b"y"]
     assert not parser.pending
 
 
