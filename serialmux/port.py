@@ -492,8 +492,8 @@ class VMPort:
     def _open_failure(self, exc: BaseException) -> str:
         """Why an open failed, naming what was opened: an OS error alone does not say."""
         reason = describe(exc) + self._denied_hint(exc)
-        if isinstance(exc, OSError):
-            return f"{exc.filename or self.description}: {reason}"
+        if isinstance(exc, OSError) and not isinstance(exc, serial.SerialException):
+            return f"{exc.filename or self.description}: {reason}"  # pyserial's names it
         return reason
 
     def _denied_hint(self, exc: BaseException) -> str:
