@@ -160,6 +160,8 @@ async def perform(
     console.mark(
         "ACTION", f"{what} sent by {identity.user}", user=identity.user, action=action.name.lower()
     )
+    # Whoever else is attached hears of it, as at a shared console (conserver does too).
+    console.notice(f"{what} sent by {identity.user}", skip_session=identity.session_id)
     return text
 
 

@@ -167,6 +167,8 @@ class Attachment:
     cursor: int = 0
     # Whether the port waits for this writer (it kept up with live output; see Console).
     flow: bool = False
+    # Who this writer displaced ("bob@10.0.0.5"), for its session's banner.
+    took_over_from: str | None = None
 
 
 class ConsoleBusy(AccessDenied):
@@ -378,6 +380,7 @@ class Console:
                          session=att.identity.session_id, peer=att.identity.peer,
                          previous_user=old.identity.user,
                          previous_session=old.identity.session_id, result="ok")
+        att.took_over_from = f"{old.identity.user}@{old.identity.peer_host}"
         self._writer_left(old, "displaced")
         old.on_displaced(text)
 
@@ -437,11 +440,13 @@ class Console:
         self.audit.event("on_detach", vm=self.name, user=user, session=att.identity.session_id,
                          reason=f"{reason}; not sent: {failure}", result="failed")
 
-    def notice(self, text: str) -> None:
-        """Tell every attached session a one-line notice, in order with output."""
+    def notice(self, text: str, *, skip_session: str | None = None) -> None:
+        """Tell every attached session a one-line notice, in order with output (but the
+        session *skip_session*: the one that caused it, and was told already)."""
         offset = self.backlog.end
         for att in self.attachments:
-            att.on_notice(offset, text)
+            if skip_session is None or att.identity.session_id != skip_session:
+                att.on_notice(offset, text)
 
     def close_all(self, text: str) -> None:
         """Tell every attached session *text* and close it (shutdown, disable)."""

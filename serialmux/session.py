@@ -298,6 +298,8 @@ class Session:
     def _banner(self) -> None:
         name = self.console.name
         mode = "read-only" if not self.att.writer else "writer"
+        if self.att.took_over_from is not None:
+            mode += f", took over from {self.att.took_over_from}"
         if self.interactive:
             self._say(f"connected to {name} ({mode}); escape is ^] — type ^] ? for help")
         if not self.console.up:

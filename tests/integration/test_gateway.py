@@ -50,10 +50,12 @@ async def test_interactive_session_passes_all_bytes_with_escape_doubled(
 
 async def test_takeover_notifies_and_closes_previous_writer(
         gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
-    """A second writer takes over; the first is told who, from where, when, and closed."""
+    """A second writer takes over; the first is told who, from where, when, and closed; the
+    second is told whom it displaced."""
     first = await gw.attach(users["alice"], "web-01")
     await gw.wait_audit("attach", user="alice")
     second = await gw.attach(users["bob"], "web-01")
+    await second.wait_out(b"connected to web-01 (writer, took over from alice@127.0.0.1)")
     await first.wait_out(re.compile(
         rb"console taken over by bob from 127\.0\.0\.1 at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"))
     assert await first.wait_closed() == 1
@@ -586,3 +588,29 @@ async def test_repeated_refused_escapes_are_audited_sparingly(gw: Gateway,
     assert len(refused) <= 5, len(refused)
     assert sum(e.get("suppressed", 1) for e in refused) == 1000
     await c.close()
+
+
+async def test_an_action_is_told_to_everyone_else_attached(
+        tmp_path: Path, users: dict[str, User], sockets: Callable[..., SocketVM]) -> None:
+    """alice's BREAK (an escape, then an exec command) is a notice to carol watching and, for
+    the exec, to alice's own console session; the session that typed it is not told twice."""
+    sock = sockets("tel.sock", telnet=True)
+    await sock.start()
+    async with gateway(tmp_path, vms={"web-01": sock.port},
+                       users={n: users[n] for n in ("alice", "carol")},
+                       grants=[(["alice"], ["*"], "owner"), (["carol"], ["*"], "reader")]) as g:
+        await sock.wait_connected()
+        alice = await g.attach(users["alice"], "web-01+replay=0")
+        carol = await g.attach(users["carol"], "web-01+ro+replay=0")
+        await carol.wait_out(b"(read-only)")
+        alice.send(b"\x1db")
+        await alice.wait_out(b"BREAK sent to web-01")
+        await carol.wait_out(b"[serialmux: BREAK sent by alice]")
+        conn = await g.connect(users["alice"], "web-01")
+        result = await conn.run("break", encoding=None)
+        assert result.exit_status == 0, result.stderr
+        await carol.wait_out(re.compile(rb"(BREAK sent by alice\].*){2}", re.S))
+        await alice.wait_out(b"[serialmux: BREAK sent by alice]")
+        assert alice.out.count(b"BREAK sent by alice") == 1  # the exec's, not the escape's
+        await alice.close()
+        await carol.close()
