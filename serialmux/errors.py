@@ -12,7 +12,8 @@ and carries the facts a person needs (file, line, key, VM, user) as attributes::
      ├── HypervisorError      the control side (QMP) failed (vm)
      │    ├── HypervisorUnavailable   no control interface configured / reachable
      │    └── HypervisorTimeout       a command got no reply in time
-     └── ControlError         the local control socket failed or refused
+     ├── ControlError         the local control socket failed or refused
+     └── AlreadyRunning       another daemon holds this state_dir or runtime_dir
 
 Messages say what went wrong and what to do next. :func:`describe` says an
 OS error the same way everywhere (``ENOENT: No such file or directory``).
@@ -108,3 +109,8 @@ class HypervisorTimeout(HypervisorError):
 
 class ControlError(SerialmuxError):
     """The local control socket could not be reached or refused the request."""
+
+
+class AlreadyRunning(SerialmuxError):
+    """Another serialmux holds the single-instance lock on a state or runtime directory
+    (:mod:`serialmux.instancelock`)."""

@@ -21,13 +21,9 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import SerialmuxError
+from .errors import AlreadyRunning, SerialmuxError
 
 LOCK_NAME = "serialmux.lock"
-
-
-class AlreadyRunning(SerialmuxError):
-    """Another serialmux holds the lock on this state or runtime directory."""
 
 
 class InstanceLock:
