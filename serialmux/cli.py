@@ -129,7 +129,8 @@ def libvirt_hook(domain: str, operation: str, rest: tuple[str, ...], config_path
 @main.command()
 @click.argument("vm")
 @config_option
-@click.option("-n", "--lines", default=200, show_default=True, help="Lines of output to show.")
+@click.option("-n", "--lines", default=200, show_default=True, type=click.IntRange(min=0),
+              help="Lines of output to show.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output (like tail -f).")
 @click.option("--since", help="Start at a time: '10 min ago', '2h ago', ISO 8601, 'HH:MM'.")
 @click.option("--boot", is_flag=True, help="Start at the last VM start/reset marker.")

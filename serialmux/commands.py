@@ -24,7 +24,7 @@ from . import actions
 from .access import Action, Identity, allowed
 from .config import Role
 from .console import Console
-from .errors import AccessDenied, SerialmuxError
+from .errors import AccessDenied, HypervisorError, SerialmuxError
 from .logs import follow_logs, parse_since, write_logs
 from .sshd import server_of
 
@@ -235,7 +235,11 @@ async def _status(daemon: Daemon, process: Any, out: _Out, console: Console,
     if console.hypervisor is None:
         out.line("vm: unknown (no qmp configured: NMI and reset are not available)")
         return 0
-    out.line(f"vm: {await console.hypervisor.status()}")
+    try:
+        vm = await console.hypervisor.status()
+    except HypervisorError as exc:  # a state to report, as "no qmp configured" is
+        vm = f"unknown ({exc})"
+    out.line(f"vm: {vm}")
     return 0
 
 

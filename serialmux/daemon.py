@@ -436,6 +436,9 @@ class Daemon:
             att.on_closed(f"disconnected by {who.user}")
         self.audit.event("kick", vm=console.name, user=who.user, session=who.session_id,
                          peer=who.peer, target=user or "writer", count=len(victims), result="ok")
+        if not victims:
+            return (f"nobody is typing on {console.name}: nothing to disconnect" if not user
+                    else f"{user} is not attached to {console.name}: nothing to disconnect")
         return f"disconnected {len(victims)} session(s)"
 
     # -- signals -------------------------------------------------------------------

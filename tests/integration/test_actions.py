@@ -326,3 +326,16 @@ async def test_a_vm_event_tells_every_session_with_its_reason(
         await client.wait_out(b"[serialmux: VM reset (host-qmp-system-reset)]")
     await writer.close()
     await watcher.close()
+
+
+async def test_status_with_an_unanswering_qmp_reports_it_as_the_vm_state(
+        hv_gw: Gateway, users: dict[str, User]) -> None:
+    """`status` when QMP does not answer: the console line, then `vm: unknown (why)`, exit 0,
+    as for a VM without qmp (it exited 1 with an error instead of a status)."""
+    conn = await hv_gw.connect(users["bob"], "web-01")
+    async with asyncio.timeout(PROMPTLY):
+        result = await conn.run("status", encoding=None)
+    conn.close()
+    assert result.exit_status == 0, result.stderr
+    assert b"console: up" in result.stdout
+    assert b"vm: unknown (web-01: QMP query-status got no reply" in result.stdout

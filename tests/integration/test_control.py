@@ -596,3 +596,20 @@ async def test_enable_leaves_a_marker_where_disable_did(gw: Gateway) -> None:
     marked = re.findall(r"-- serialmux: \S+ ((?:en|dis)abled by [^-]*) --", logs.out)
     assert marked == [f"disabled by {me}: a", f"enabled by {me}", f"disabled by {me}: all down",
                       f"disabled by {me}: own", f"enabled by {me}"]
+
+
+async def test_kick_with_nobody_to_kick_says_so(gw: Gateway) -> None:
+    """kick on a console nobody types on says there was nothing to disconnect (it said
+    "disconnected 0 session(s)"); naming a user who is not attached says that."""
+    result = await run_cli("kick", "web-01", *cfg(gw))
+    assert (result.status, result.out.strip()) == (
+        0, "nobody is typing on web-01: nothing to disconnect")
+    result = await run_cli("kick", "web-01", "--user", "bob", *cfg(gw))
+    assert result.out.strip() == "bob is not attached to web-01: nothing to disconnect"
+
+
+async def test_local_logs_refuses_a_negative_line_count(gw: Gateway) -> None:
+    """serialmux logs -n -5 is a usage error (exit 2), as it is over SSH; it printed nothing."""
+    result = await run_cli("logs", "web-01", "-n", "-5", *cfg(gw))
+    assert result.status == 2
+    assert "-5 is not in the range x>=0" in result.err
