@@ -360,6 +360,10 @@ async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, ident
             f"logs: too many logs running for {user} (at most {MAX_ONESHOTS_PER_USER} at once "
             "per user, besides logs -f); wait for one to end, and read each one's output")
     running[user] += 1
+    if ns.follow:  # it may last for days: say who reads the VM now, not only when it ends
+        daemon.audit.event("command", action="logs", arg=" ".join(args), result="started",
+                           vm=console.name, user=user, session=identity.session_id,
+                           peer=identity.peer)
     try:
         return await _run_logs(daemon, process, console, identity, ns, since)
     finally:

@@ -592,12 +592,15 @@ async def test_revoked_key_cannot_open_a_new_channel_on_its_connection(
 
 async def test_reload_removing_a_grant_ends_logs_follow(
         gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
-    """H3c: a running `logs -f` ends with a notice when reload removes the grant."""
+    """H3c: a running `logs -f` ends with a notice when reload removes the grant; it was
+    audited as started when it started (a follow may last for days)."""
     assert gw.daemon is not None
     conn = await gw.connect(users["carol"], "web-01")
     c = Client(conn, await conn.create_process("logs -f", encoding=None))
     vm.write(b"before the reload\r\n")
     await c.wait_out(b"before the reload")
+    await gw.wait_audit("command", action="logs", arg="-f", result="started", user="carol",
+                        vm="web-01")
     gw.grants = [g for g in gw.grants if g[0] != ["carol"]]
     rewrite(gw)
     assert await gw.daemon.reload("test")
