@@ -255,6 +255,15 @@ def _action_command(name: str, doc: str) -> None:
         click.echo(_control(config_path, {"cmd": name, "vm": _vm_arg(vm)})["result"])
 
 
+@main.command()
+@click.argument("vm")
+@config_option
+def reopen(vm: str, config_path: str) -> None:
+    """Open VM's port again now; a pty: path whose number was reused (the VM restarted and
+    got its number back) is attached: say so only when the PTY there is VM's."""
+    click.echo(_control(config_path, {"cmd": "reopen", "vm": _vm_arg(vm)})["result"])
+
+
 _action_command("break", "Send a serial BREAK to VM.")
 _action_command("nmi", "Inject an NMI into VM (needs qmp).")
 _action_command("reset", "Hard-reset VM (needs qmp).")

@@ -385,6 +385,10 @@ class ControlServer:
             text = await actions.perform(daemon, console, who, _ACTIONS[cmd],
                                          arg if isinstance(arg, str) else None)
             return {"result": text}
+        if cmd == "reopen":
+            console = self._console(request)
+            assert console is not None
+            return {"result": daemon.reopen_port(console, who)}
         if cmd == "enable":
             return {"result": daemon.disabling.enable(self._enable_target(request), who)}
         if cmd == "disable":

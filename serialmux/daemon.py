@@ -441,6 +441,19 @@ class Daemon:
                     else f"{user} is not attached to {console.name}: nothing to disconnect")
         return f"disconnected {len(victims)} session(s)"
 
+    def reopen_port(self, console: Console, who: Identity) -> str:
+        """Open *console*'s port again now, taking the PTY at its path even if the number
+        was reused (the host's operator says it is this VM's again: ``serialmux reopen``)."""
+        accepted = console.port.accept_reused_pty()
+        console.port.retry_now()
+        self.audit.event("reopen", vm=console.name, user=who.user, session=who.session_id,
+                         peer=who.peer, reused_pty=accepted, result="ok")
+        if accepted:
+            console.mark("NOTE", f"{who.user} attached the PTY now at {console.port.spec.path}")
+            return f"{console.name}: attaching the PTY now at {console.port.spec.path}"
+        return (f"{console.name}: port {'is up' if console.up else 'retried now'} "
+                f"({console.port.description})")
+
     # -- signals -------------------------------------------------------------------
 
     def _install_signals(self) -> None:

@@ -401,7 +401,7 @@ class VMPort:
         self.description = str(self.spec)
         self.last_error: str | None = None
         self._pty_seen: tuple[int, int] | None = None  # the PTY a pty: path first named
-        self._refusing_reused = False  # the path names another PTY now; a reload accepts it
+        self._refusing_reused = False  # the path names another PTY now; reopen accepts it
 
     def set_pty_resolver(self, resolve: Callable[[], Awaitable[str | None]]) -> None:
         """Give a ``qmp:`` port the function that asks QEMU for its PTY path."""
@@ -436,9 +436,9 @@ class VMPort:
         self._retry_now.set()
 
     def accept_reused_pty(self) -> bool:
-        """A reload confirmed the configured path: attach to the PTY there now, although
-        its number was reused since the port last had it (the VM restarted and got its
-        old number back). True when the port was refusing one."""
+        """The host's operator confirmed it (``serialmux reopen``): attach to the PTY at
+        the path now, although its number was reused since the port last had it (the VM
+        restarted and got its old number back). True when the port was refusing one."""
         if not self._refusing_reused:
             return False
         self._refusing_reused = False
@@ -535,8 +535,8 @@ class VMPort:
                 self._refusing_reused = True
                 raise _NotReady(
                     f"{path} is a different PTY now (its number was reused): not attaching, "
-                    "it may be another VM's; if it is this VM's again, `serialmux reload` "
-                    "attaches it")
+                    f"it may be another VM's; if it is {self.vm.name}'s again, "
+                    f"`serialmux reopen {self.vm.name}` on the host attaches it")
             # Opening a PTY or tty with O_NONBLOCK does not block: no thread hop,
             # which keeps start-up fast with thousands of consoles.
             port = _DirectSerial(path, baudrate=self.vm.baud, bytesize=8, parity="N",

@@ -249,8 +249,6 @@ async def _apply(daemon: Daemon, new: Config, cas: dict[bytes, str], who: str,
             await daemon.add_console(vm, "console added by a configuration reload")
     for vm in plan.updated:
         daemon.consoles[vm.name].use_config(vm)
-    for console in daemon.consoles.values():  # the reload says each pty: path is right
-        console.port.accept_reused_pty()
     for vm in plan.reopened + plan.updated:
         before = old.vms.get(vm.name)
         if before is not None and before.redact != vm.redact:

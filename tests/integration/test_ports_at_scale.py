@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from serialmux.ring import Record, RecordKind, RingReader
-from tests.support import Gateway, PtyVM, User, gateway
+from tests.support import Gateway, PtyVM, User, gateway, run_cli
 
 
 def _take_number(path: str, others: list[PtyVM]) -> PtyVM:
@@ -47,10 +47,10 @@ async def test_reused_pty_number_is_not_attached(gw: Gateway, users: dict[str, U
         await c.close()
 
 
-async def test_a_reload_attaches_the_reused_pty_number(gw: Gateway, users: dict[str, User],
-                                                      vm: PtyVM) -> None:
-    """The VM restarted and got its PTY number back: refused until a reload with the same
-    path confirms it, then attached in the same session (the message says to reload)."""
+async def test_reopen_attaches_the_reused_pty_number_and_a_reload_does_not(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """The VM restarted and got its PTY number back: a reload (made for anything else) does
+    not attach it; `serialmux reopen VM`, the host operator's word, does, in the same session."""
     c = await gw.attach(users["alice"], "web-01+replay=0")
     await c.wait_out(b"(writer)")
     path = vm.slave_path
@@ -59,10 +59,16 @@ async def test_a_reload_attaches_the_reused_pty_number(gw: Gateway, users: dict[
     others: list[PtyVM] = []
     try:
         again = _take_number(path, others)
-        await c.wait_out(b"`serialmux reload` attaches it")
+        again.write(b"not for alice\r\n")
+        await c.wait_out(b"`serialmux reopen web-01` on the host attaches it")
         assert gw.daemon is not None
         assert await gw.daemon.reload("test")
+        assert not gw.console("web-01").up
+        result = await run_cli("reopen", "web-01", "--config", str(gw.config_path))
+        assert result.status == 0, result.err
+        assert result.out == f"web-01: attaching the PTY now at {path}\n"
         await c.wait_out(b"web-01 console is up")
+        await gw.wait_audit("reopen", vm="web-01", reused_pty=True)
         again.write(b"booted again\r\n")
         await c.wait_out(b"booted again")
     finally:
