@@ -145,12 +145,12 @@ class Daemon:
         for d in (self.state_dir, server.runtime_dir):
             d.mkdir(mode=0o750, parents=True, exist_ok=True)
         self._take_lock()  # before any ring, port or socket: another daemon may own them
-        _raise_fd_limit(len(self.config.vms))
-        self.rings.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-        self.disabling.load()
-        self._install_signals()
-        self.notifier.status("starting")
-        try:
+        try:  # from here on, whatever fails lets go of the lock and closes what it opened
+            _raise_fd_limit(len(self.config.vms))
+            self.rings.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+            self.disabling.load()
+            self._install_signals()
+            self.notifier.status("starting")
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
                 for vm in self.config.vms.values():

@@ -21,7 +21,9 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from serialmux.config import load_config
 from serialmux.control import socket_path
+from serialmux.daemon import Daemon
 from serialmux.ring import RecordKind, RingReader, Skipped
 from tests.support import WAIT, PtyVM, User, gateway_toml, make_user, run_cli
 
@@ -301,3 +303,23 @@ async def test_kill_9_leaves_an_unclean_stop_marker_on_the_next_start(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_start_that_fails_after_the_lock_lets_go_of_it(
+        tmp_path: Path, users: dict[str, User]) -> None:
+    """A start-up failure after the single-instance lock (state_dir/rings is a file) releases
+    the lock: the same process can serve once the problem is fixed (it was refused as
+    'another serialmux', its own pid)."""
+    (tmp_path / "serialmux.toml").write_text(
+        gateway_toml(tmp_path, {}, [users["alice"]]))
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "rings").write_text("not a directory")
+    with pytest.raises(FileExistsError):
+        await Daemon(load_config(tmp_path / "serialmux.toml")).serve()
+    (tmp_path / "state" / "rings").unlink()
+    daemon = Daemon(load_config(tmp_path / "serialmux.toml"))
+    serving = asyncio.create_task(daemon.serve())
+    await daemon.wait_ready(WAIT)
+    daemon.stop()
+    async with asyncio.timeout(WAIT):
+        await serving
