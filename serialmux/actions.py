@@ -56,7 +56,7 @@ class Repeats:
 
     A reader typing ``^] b`` in a loop would otherwise write an audit event (and
     a log line) per keystroke. The first :attr:`FREE` refusals of each kind
-    (event, action, result, reason) are audited in full; later ones are
+    (event, action, arg, result, reason) are audited in full; later ones are
     counted, and at most one summary event per :attr:`INTERVAL` seconds
     carries ``suppressed=N``, the refusals it stands for. :meth:`flush` (at
     detach) writes the rest. So the count adds up: events without
@@ -73,7 +73,8 @@ class Repeats:
 
     def event(self, event: str, **fields: Any) -> None:
         """Audit *event* now, or count it towards the next summary."""
-        key = (event, fields.get("action"), fields.get("result"), fields.get("reason"))
+        key = (event, fields.get("action"), fields.get("arg"), fields.get("result"),
+               fields.get("reason"))
         streak = self._streaks.setdefault(key, _Streak())
         streak.count += 1
         now = self._clock()

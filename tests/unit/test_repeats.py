@@ -25,3 +25,18 @@ def test_repeated_refusals_are_audited_sparingly_and_add_up() -> None:
     assert len(breaks) <= Repeats.FREE + 500 / Repeats.INTERVAL + 1
     assert sum(int(e.get("suppressed", 1)) for e in breaks) == 1000
     assert next(e for e in events if e["action"] == "nmi").get("suppressed") is None
+
+
+def test_refusals_with_different_arguments_are_counted_apart() -> None:
+    """A refused sysrq b, s and c are three kinds, each audited with its own key: a summary
+    never folds one key's refusals into another's (b, a reboot, vanished behind c)."""
+    audit = Audit()
+    events: list[dict[str, Any]] = []
+    audit.listeners.append(events.append)
+    repeats = Repeats(audit, clock=lambda: 0.0)
+    for key in "hhhhbsc":
+        repeats.event("command", action="sysrq", arg=key, result="refused", reason="role too low")
+    repeats.flush()
+    assert sorted({e["arg"] for e in events}) == ["b", "c", "h", "s"]
+    counts = {k: sum(int(e.get("suppressed", 1)) for e in events if e["arg"] == k) for k in "hbsc"}
+    assert counts == {"h": 4, "b": 1, "s": 1, "c": 1}
