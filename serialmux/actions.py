@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .access import Action, Identity, allowed
 from .config import PortKind, Role
-from .console import Console
+from .console import Attachment, Console
 from .errors import AccessDenied, HypervisorError, HypervisorUnavailable, SerialmuxError
 from .escape import Action as Key
 
@@ -114,11 +114,13 @@ def role_of(daemon: Daemon, identity: Identity, vm: str) -> Role | None:
 
 async def perform(
     daemon: Daemon, console: Console, identity: Identity, action: Action, arg: str | None = None,
-    *, repeats: Repeats | None = None, confirmed: bool = True,
+    *, repeats: Repeats | None = None, confirmed: bool = True, told: Attachment | None = None,
 ) -> str:
     """Do *action* on *console* for *identity*; return a one-line result or raise.
 
-    Refusals and failures are audited through *repeats* when given (a session's
+    Every session attached to *console* hears of a done action, but *told* (the
+    attached session that asked, which gets the result itself). Refusals and
+    failures are audited through *repeats* when given (a session's
     escape keys, which a user can repeat as fast as they type). An escape's
     NMI or reset comes *confirmed* False when it was not asked y/N because
     the VM had no hypervisor control: it is only ever refused.
@@ -162,7 +164,7 @@ async def perform(
         "ACTION", f"{what} sent by {identity.user}", user=identity.user, action=action.name.lower()
     )
     # Whoever else is attached hears of it, as at a shared console (conserver does too).
-    console.notice(f"{what} sent by {identity.user}", skip_session=identity.session_id)
+    console.notice(f"{what} sent by {identity.user}", skip=told)
     return text
 
 

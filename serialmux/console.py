@@ -440,12 +440,12 @@ class Console:
         self.audit.event("on_detach", vm=self.name, user=user, session=att.identity.session_id,
                          reason=f"{reason}; not sent: {failure}", result="failed")
 
-    def notice(self, text: str, *, skip_session: str | None = None) -> None:
-        """Tell every attached session a one-line notice, in order with output (but the
-        session *skip_session*: the one that caused it, and was told already)."""
+    def notice(self, text: str, *, skip: Attachment | None = None) -> None:
+        """Tell every attached session a one-line notice, in order with output (but *skip*:
+        the one that caused it, and was told already)."""
         offset = self.backlog.end
         for att in self.attachments:
-            if skip_session is None or att.identity.session_id != skip_session:
+            if att is not skip:
                 att.on_notice(offset, text)
 
     def close_all(self, text: str) -> None:

@@ -529,7 +529,7 @@ class Session:
         try:
             text = await actions.perform(self.daemon, self.console, self.identity,
                                          actions.from_escape(key), arg, repeats=self.repeats,
-                                         confirmed=confirmed)
+                                         confirmed=confirmed, told=self.att)
         except SerialmuxError as exc:
             self._say(f"failed: {exc}")
         else:

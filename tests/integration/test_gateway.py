@@ -606,8 +606,8 @@ async def test_an_action_is_told_to_everyone_else_attached(
         alice.send(b"\x1db")
         await alice.wait_out(b"BREAK sent to web-01")
         await carol.wait_out(b"[serialmux: BREAK sent by alice]")
-        conn = await g.connect(users["alice"], "web-01")
-        result = await conn.run("break", encoding=None)
+        # An exec on the console session's own connection (OpenSSH ControlMaster) too.
+        result = await alice.conn.run("break", encoding=None)
         assert result.exit_status == 0, result.stderr
         await carol.wait_out(re.compile(rb"(BREAK sent by alice\].*){2}", re.S))
         await alice.wait_out(b"[serialmux: BREAK sent by alice]")
