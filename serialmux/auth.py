@@ -136,8 +136,9 @@ class Revocations:
     def stamp(self) -> _Stamp | None:
         """The file's identity and version now, or None (no file configured, or no stat).
 
-        Only a ``stat``: safe to call in a worker thread (the watcher does, so a slow
-        filesystem never stalls the event loop).
+        Only a ``stat``: safe to call in a worker thread. The watcher does, so an unchanged
+        file costs the event loop nothing; a changed one is then read on the loop (a small
+        text file, as at every login).
         """
         if self.path is None:
             return None
