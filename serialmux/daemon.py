@@ -167,6 +167,7 @@ class Daemon:
                 self.control.bind()
                 tg.create_task(self.control.serve())
                 tg.create_task(self.rings.sync_loop())
+                tg.create_task(self.rings.resize_changed())
                 tg.create_task(self.connections.watch_revocations())
                 tg.create_task(self.notifier.watchdog_loop())
                 self._ready.set()
@@ -324,12 +325,8 @@ class Daemon:
         if console.up:
             console.port_down("port changed by a configuration reload")
         if console.ring is not None and console.ring.size != vm.ring_size:
-            ring, console.ring = console.ring, None  # the port is stopped: nothing to log
             console.vm = vm  # the size a ring opened late must have
-            await self.rings.close(vm.name, ring, RecordKind.DAEMON_STOP,
-                                   "console closed to change its ring_size")
-            console.ring = await self.rings.open(vm, f"console reopened with a new ring of "
-                                                     f"{vm.ring_size} bytes (ring_size changed)")
+            await self.rings.renew(console)  # the port is stopped: nothing to log meanwhile
         console.vm = vm
         console.port = VMPort(vm, console)
         console.hypervisor = None

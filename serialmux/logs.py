@@ -279,16 +279,22 @@ def _follow_step(
     except FileNotFoundError:
         return reader, cursor  # moved aside, the new one not created yet
     now = _now_ns()
-    if reader is not None and reader.inode != (st.st_dev, st.st_ino):
+    replaced = reader is not None and reader.inode != (st.st_dev, st.st_ino)
+    if replaced:
+        assert reader is not None
         reader.close()
         reader = None
-        render.note("ring file replaced; following the new one from its start", now)
-        cursor = None
     if reader is None:
         try:
             reader = RingReader(path)
         except RingError:
             return None, cursor  # being created: try again next poll
+    if replaced:
+        if cursor is not None and reader.first_seq() <= cursor <= reader.next_seq():
+            render.note("ring file replaced (resized); following on", now)  # seqs carried on
+        else:
+            render.note("ring file replaced; following the new one from its start", now)
+            cursor = None
     if cursor is not None and reader.next_seq() < cursor:
         render.note("ring went back after a crash; continuing from its end", now)
         cursor = reader.next_seq()

@@ -25,6 +25,7 @@ fresh ring started; ``RingWriter.recovered_from`` tells the caller.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -36,6 +37,7 @@ import stat
 import threading
 import time
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -69,6 +71,10 @@ from serialmux.ringreader import RingReader, Skipped
 
 #: Room kept in a resized ring for its note saying so.
 _RESIZE_NOTE_ROOM = 256
+#: The name a resized ring is written under before it replaces the old one.
+_RESIZING = ".resize"
+#: Bytes a resize writes at once.
+_BATCH = 1 << 20
 
 __all__ = [
     "DEFAULT_RING_SIZE",
@@ -143,12 +149,13 @@ class RingWriter(_RingFile):
         self._durable = (HEADER_SIZE, 1, 0, 0)  # position as of the last fdatasync
         self._wrap_seq = 0  # next_seq when the last wrap wrote its own checkpoint
         self._sync_create = True  # fsync a newly created ring (and its directory) at once
+        self._may_resize = True  # open(): rewrite a ring of another size now
         self.dev = -1  # st_dev of the file, set by open()
         self._fd_lock = threading.Lock()  # fdatasync/syncfs against close
 
     @classmethod
     def open(cls, path: Path, size: int = DEFAULT_RING_SIZE, *,
-             sync_create: bool = True) -> RingWriter:
+             sync_create: bool = True, resize: bool = True) -> RingWriter:
         """Create or recover the ring at ``path``.
 
         A file that is not a usable ring (bad magic, future version, damaged
@@ -161,7 +168,9 @@ class RingWriter(_RingFile):
         A new ring is fsynced with its directory before this returns, unless
         ``sync_create`` is False: the caller then makes it durable soon
         (the daemon's first :func:`fdatasync_all` ``syncfs`` round, for
-        thousands of rings at once instead of two fsyncs each).
+        thousands of rings at once instead of two fsyncs each). With ``resize``
+        False a ring of another size is opened at the size it has (the daemon's
+        start: it resizes such rings once it serves, one at a time).
         """
         size = parse_size(size)
         path = Path(path)
@@ -171,6 +180,7 @@ class RingWriter(_RingFile):
             raise _os_error(path, exc) from exc
         writer = cls(path, fd)
         writer._sync_create = sync_create
+        writer._may_resize = resize
         try:
             writer._start(size, created)
         except OSError as exc:
@@ -190,7 +200,9 @@ class RingWriter(_RingFile):
             self._initialise(size)
             return
         why = self._check_static(os.pread(self._fd, 64, 0))
-        if why is None and self.size != size:
+        if why is None and self.size != size and not self._may_resize:
+            size = self.size  # resized later, off the start-up path
+        elif why is None and self.size != size:
             self._resize(size)
             self._start(size, False)  # the resized ring, recovered as any other
             return
@@ -200,6 +212,8 @@ class RingWriter(_RingFile):
             return
         if st.st_size != self.size:  # truncated (power cut) or grown: back to the right size
             os.ftruncate(self._fd, self.size)
+        with contextlib.suppress(FileNotFoundError):  # a resize a crash cut short
+            os.unlink(self.path.with_name(f"{self.path.name}{_RESIZING}"))
         head = self._locate_head()
         self._off, self._seq, self._prev = head.off, head.next_seq, head.last_crc
         self._last_off = head.last_off if head.has_prev else 0
@@ -230,48 +244,72 @@ class RingWriter(_RingFile):
     def _resize(self, size: int) -> None:
         """Rewrite this ring at *size*, keeping its newest records that fit, then reopen it.
 
-        The new ring is written beside the old one and renamed over it once it is
-        on disk: a crash in between leaves the old ring whole (and a stale
-        ``<name>.resize``, replaced next time). Sequence numbers continue.
+        One pass over the old ring; the kept records are written in large batches.
+        An OUTPUT record longer than the new ring's largest keeps its newest bytes.
+        Sequence numbers run on from the oldest record kept (they are the old ones
+        unless the old ring had a damaged stretch). The new ring is written beside
+        the old one and renamed over it once it is on disk: a crash in between
+        leaves the old ring whole (and a stale ``<name>.resize``, removed at the
+        next open).
         """
         old_size = self.size
-        tmp = self.path.with_name(f"{self.path.name}.resize")
+        tmp = self.path.with_name(f"{self.path.name}{_RESIZING}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         room = size - HEADER_SIZE - _span(_RESIZE_NOTE_ROOM)
+        limit = _max_payload(size)
+        kept: collections.deque[Record] = collections.deque()
+        used = held = 0
+        last: Record | None = None
         with RingReader(self.path) as reader:
-            spans = [(r.seq, _span(len(r.payload))) for r in reader.records()
-                     if isinstance(r, Record)]
-            used, first = 0, None
-            for seq, span in reversed(spans):
-                if used + span > room:
-                    break
-                used, first = used + span, seq
-            new = RingWriter.open(tmp, size, sync_create=False)
-            try:
-                kept, last = 0, None
-                if first is not None:
-                    new._seq = first
-                    for r in reader.records(from_seq=first):
-                        if not isinstance(r, Record):
-                            continue
-                        if len(r.payload) <= new._max_payload:
-                            new._write(r.kind, r.payload, r.time_ns)
-                        elif r.kind is RecordKind.OUTPUT:  # smaller records now: split it
-                            new.append(r.payload, time_ns=r.time_ns)
-                        kept, last = kept + 1, r
-                dropped = len(spans) - kept
-                new.marker(RecordKind.NOTE, f"ring resized from {old_size} to {size} bytes"
-                           + (f"; its {dropped} oldest records did not fit" if dropped else ""),
-                           old_size=old_size, size=size, dropped=dropped)
-            finally:
-                new.close()  # a checkpoint and an fdatasync
+            for r in reader.records():
+                if not isinstance(r, Record):
+                    continue
+                held, last = held + 1, r
+                if len(r.payload) > limit:
+                    if r.kind is not RecordKind.OUTPUT:
+                        continue
+                    r = Record(r.seq, r.time_ns, r.kind, r.payload[-limit:])
+                kept.append(r)
+                used += _span(len(r.payload))
+                while used > room:
+                    used -= _span(len(kept.popleft().payload))
+        new = RingWriter.open(tmp, size, sync_create=False)
+        try:
+            if kept:
+                new._seq = kept[0].seq
+                new._write_batch(kept)
+            dropped = held - len(kept)
+            new.marker(RecordKind.NOTE, f"ring resized from {old_size} to {size} bytes"
+                       + (f"; its {dropped} oldest records did not fit" if dropped else ""),
+                       old_size=old_size, size=size, dropped=dropped)
+        finally:
+            new.close()  # a checkpoint and an fdatasync
         os.rename(tmp, self.path)
         _fsync_dir(self.path.parent)
         old, self._fd = self._fd, -1
         os.close(old)
         self._fd, _ = _open_or_create(self.path)
         self.resized_from, self.resized_after = old_size, last
+
+    def _write_batch(self, records: Iterable[Record]) -> None:
+        """Append *records* (no wrap: they fit) as they are, a MiB per ``pwrite``."""
+        buf = bytearray()
+        start = off = self._off
+        for r in records:
+            flags = 0 if self._last_off else FLAG_START
+            head = _REC.pack(REC_MAGIC, r.kind, flags, len(r.payload), self._seq, r.time_ns,
+                             self._prev)
+            crc = zlib.crc32(r.payload, zlib.crc32(head))
+            span = _span(len(r.payload))
+            buf += head + _U32.pack(crc) + r.payload + _ZEROS[: span - REC_HEADER - len(r.payload)]
+            self._last_off, self._prev, self._seq, off = off, crc, self._seq + 1, off + span
+            if len(buf) >= _BATCH:
+                os.pwrite(self._fd, buf, start)
+                start, buf = off, bytearray()
+        if buf:
+            os.pwrite(self._fd, buf, start)
+        self._off = off
 
     def _move_aside(self, why: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())

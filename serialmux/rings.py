@@ -34,6 +34,7 @@ from .log import get_logger
 from .ring import SYNC_INTERVAL, SYNCFS_FROM, Record, RecordKind, RingWriter, fdatasync_all
 
 if TYPE_CHECKING:
+    from .console import Console
     from .daemon import Daemon
 
 log = get_logger(__name__)
@@ -65,16 +66,21 @@ class Rings:
         return self.dir / f"{vm}.ring"
 
     def open_at_start(self, vm: VMConfig) -> RingWriter | None:
-        """*vm*'s ring, opened and marked on the loop thread (before serving); None if unusable."""
-        return self._opened(vm, self._open(vm), STARTED)
+        """*vm*'s ring, opened and marked on the loop thread (before serving); None if unusable.
 
-    def _open(self, vm: VMConfig) -> RingWriter | None:
+        A ring whose ``ring_size`` changed is opened at the size it has: rewriting
+        thousands of them here would hold the start past systemd's timeout.
+        :meth:`resize_changed` resizes them once the daemon serves.
+        """
+        return self._opened(vm, self._open(vm, resize=False), STARTED)
+
+    def _open(self, vm: VMConfig, *, resize: bool = True) -> RingWriter | None:
         """Create or recover *vm*'s ring; None (logged) if it cannot be used. Thread-safe."""
         path = self.path(vm.name)
         try:
             # Thousands of new rings at start: the first sync round's syncfs makes
             # them durable within SYNC_INTERVAL, instead of 2 fsyncs each now.
-            return RingWriter.open(path, vm.ring_size,
+            return RingWriter.open(path, vm.ring_size, resize=resize,
                                    sync_create=len(self.daemon.config.vms) < SYNCFS_FROM)
         except (SerialmuxError, OSError) as exc:
             log.error("ring_unusable", vm=vm.name, path=str(path), error=str(exc))
@@ -145,6 +151,38 @@ class Rings:
                 asyncio.get_running_loop().run_in_executor(None, _close_ring, vm.name, ring)
             except RuntimeError:  # the executor is shut down: the daemon is exiting
                 _close_ring(vm.name, ring)
+
+    async def resize_changed(self) -> None:
+        """Resize, one at a time, the rings opened at start with another ``ring_size``.
+
+        The console stops reading its port meanwhile (the guest's output waits in
+        the PTY or socket), its ring is closed and opened again at the new size in
+        a worker thread (:meth:`RingWriter._resize
+        <serialmux.ring.RingWriter._resize>`), and it reads on.
+        """
+        for name in [n for n, c in self.daemon.consoles.items()
+                     if c.ring is not None and c.ring.size != c.vm.ring_size]:
+            console = self.daemon.consoles.get(name)
+            if console is None or console.ring is None or console.ring.size == console.vm.ring_size:
+                continue  # gone, or changed by a reload meanwhile
+            async with self.daemon.changes:  # not while a reload or discovery change runs
+                console.port.pause_reading(True)
+                try:
+                    await self.renew(console)
+                finally:
+                    console.port.pause_reading(False)
+
+    async def renew(self, console: Console) -> None:
+        """Close *console*'s ring and open it again at its VM's ``ring_size``, which resizes
+        it; the caller keeps the port from being read meanwhile."""
+        console.flush_redacted()
+        ring, console.ring = console.ring, None
+        if ring is not None:
+            await self.close(console.name, ring, RecordKind.DAEMON_STOP,
+                             "console closed to change its ring_size")
+        size = console.vm.ring_size
+        console.ring = await self.open(
+            console.vm, f"console reopened with a new ring of {size} bytes (ring_size changed)")
 
     async def close(self, name: str, ring: RingWriter,
                     kind: RecordKind | None = None, text: str = "") -> None:

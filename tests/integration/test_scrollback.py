@@ -13,7 +13,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from serialmux.ring import Record, RecordKind, RingReader, Skipped
+from serialmux.ring import Record, RecordKind, RingReader, RingWriter, Skipped
 from tests.support import WAIT, Gateway, PtyVM, RawSession, User, openssh_args
 
 SERIALMUX = [sys.executable, "-m", "serialmux"]
@@ -415,3 +415,38 @@ async def test_logs_lines_counts_guest_lines_in_text_and_json(gw: Gateway,
         assert b"serialmux: logs: argument -n/--lines: takes a number of lines, 0 or more" \
             in result.stderr
         assert result.stdout == b""
+
+
+async def test_a_ring_size_changed_while_stopped_is_resized_after_the_start(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """ring_size changed while the daemon was stopped: the start opens the ring as it is (a
+    resize of thousands there would hold the start past systemd's timeout), then resizes it
+    while serving, keeping what it held; output printed meanwhile is in it too."""
+    from tests.support import gateway
+
+    rings = tmp_path / "state" / "rings"
+    old = RingWriter.open(rings / "web-01.ring", 64 << 10)
+    old.append(b"printed in an earlier run\r\n")
+    old.marker(RecordKind.DAEMON_STOP, "serialmux stopped")  # that run stopped cleanly
+    old.close()
+    vm.start()
+    async with gateway(tmp_path, vms={"web-01": vm.port}, users={"alice": users["alice"]},
+                       grants=[(["alice"], ["*"], "owner")],
+                       vm_extra={"web-01": 'ring_size = "128KiB"'}) as g:
+        c = await g.attach(users["alice"], "web-01+replay=0", subsystem="console")
+        async with asyncio.timeout(WAIT):
+            while (ring := g.console("web-01").ring) is None or ring.size != 128 << 10:
+                await asyncio.sleep(0.01)
+        vm.write(b"printed after the resize\r\n")
+        await c.wait_out(b"printed after the resize\r\n")
+        await c.close()
+    with RingReader(rings / "web-01.ring") as reader:
+        records = [r for r in reader.records() if isinstance(r, Record)]
+    output = b"".join(r.payload for r in records if r.kind is RecordKind.OUTPUT)
+    assert output.index(b"earlier run") < output.index(b"after the resize")
+    texts = [r.text() for r in records if r.kind is not RecordKind.OUTPUT]
+    assert "ring resized from 65536 to 131072 bytes" in texts
+    # Resized while serving (the start opened it as it was), not during the start:
+    assert texts.index("serialmux started") < texts.index(
+        "console reopened with a new ring of 131072 bytes (ring_size changed)")
+    assert not any("did not stop cleanly" in t for t in texts)

@@ -255,3 +255,31 @@ def test_follow_handles_replaced_ring(ring: Path, tmp_path: Path) -> None:
         thread.join(timeout=30)
     assert b"ring file replaced" in out.getvalue()
     w.close()
+
+
+def test_follow_carries_on_across_a_resize(ring: Path) -> None:
+    """A ring resized under a follower (ring_size changed): it follows on from where it was,
+    printing nothing a second time (it printed the whole kept scrollback again)."""
+    w = RingWriter.open(ring, SMALL)
+    for i in range(5):
+        w.append(b"line %d\r\n" % i)
+    cursor = write_logs(ring, io.BytesIO())
+    out = Watched(b"line 5\r\n")
+    thread, stop = follow_in_thread(ring, out, cursor)
+    try:
+        w.append(b"line 5\r\n")
+        assert out.seen.wait(timeout=30)
+        w.close()
+        out.expect, out.seen = b"after\r\n", threading.Event()
+        w = RingWriter.open(ring, SMALL * 2)
+        w.append(b"after\r\n")
+        assert out.seen.wait(timeout=30)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    text = out.getvalue()
+    assert text.count(b"line 0") == 0  # before the follower's cursor: never printed by it
+    assert text.count(b"line 5") == 1
+    assert b"ring resized from 65536 to 131072 bytes" in text
+    assert b"following on" in text
+    w.close()

@@ -339,6 +339,43 @@ def test_a_smaller_size_keeps_the_newest_records_that_fit(ring: Path) -> None:
                               f"its {held - len(kept)} oldest records did not fit")
 
 
+def test_a_wrapped_ring_grows_with_every_record_in_order(ring: Path) -> None:
+    """A ring that has wrapped (records at its end, then at its start) grows with all of
+    them in order, the seqs unchanged; a stale .resize a crash left is gone after open."""
+    w = RingWriter.open(ring, SMALL)
+    for seq in range(1, 3001):
+        w.append(payload(seq))
+    w.close()
+    with RingReader(ring) as r:
+        before = [x for x in items(r) if isinstance(x, Record)]
+    assert before[0].seq > 1  # it wrapped
+    ring.with_name(ring.name + ".resize").write_bytes(b"left by a crash")
+    RingWriter.open(ring, 256 << 10).close()
+    with RingReader(ring) as r:
+        after = [x for x in items(r) if isinstance(x, Record)]
+    assert [(x.seq, x.payload) for x in after[:-1]] == [(x.seq, x.payload) for x in before]
+    assert not ring.with_name(ring.name + ".resize").exists()
+
+
+def test_a_shrink_keeps_the_newest_bytes_of_a_record_too_long_for_it(ring: Path) -> None:
+    """Shrinking below the newest record's length keeps that record's newest bytes (it kept
+    nothing at all), and resized_after is the old ring's last record (how it ended)."""
+    w = RingWriter.open(ring, 1 << 20)
+    w.append(b"old line\r\n")
+    big = bytes(range(256)) * 200  # 51200 bytes: more than a 64 KiB ring's largest record
+    w.append(big)
+    w.close()
+    w = RingWriter.open(ring, SMALL)
+    assert w.resized_after is not None
+    assert w.resized_after.payload == big
+    limit = w.max_payload
+    w.close()
+    with RingReader(ring) as r:
+        got = [x for x in items(r) if isinstance(x, Record)]
+    assert got[-2].payload == big[-limit:]
+    assert got[-2].seq == 2
+
+
 def test_file_and_directory_permissions(ring: Path) -> None:
     """A new ring is 0640 in a newly created 0750 directory, and exactly ring_size long."""
     old = os.umask(0)
