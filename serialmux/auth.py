@@ -48,6 +48,9 @@ from .config import SSHSettings, UserConfig
 from .configtypes import IPNetwork
 from .errors import ConfigError
 from .keys import normalise_address
+from .log import get_logger
+
+log = get_logger(__name__)
 
 CERT_SUFFIX = b"-cert-v01@openssh.com"
 # CA signature algorithms refused like OpenSSH >= 8.2 (CASignatureAlgorithms): SHA-1;
@@ -158,8 +161,8 @@ class Revocations:
         try:
             stamp = _stamp_of(self.path.stat())
         except OSError as exc:
-            self.error = f"cannot read {self.path}: {exc.strerror}"
             self._stamp = None
+            self._unusable(f"cannot read {self.path}: {exc.strerror}")
             return
         if stamp == self._stamp and self.error is None:
             return
@@ -167,7 +170,7 @@ class Revocations:
             text = self.path.read_text(encoding="utf-8")
             parsed = parse_revocations(text, str(self.path))
         except (OSError, UnicodeDecodeError, ConfigError) as exc:
-            self.error = str(exc)
+            self._unusable(str(exc))
             return
         changed = parsed != (self.keys, self.serials, self.key_ids)
         self.keys, self.serials, self.key_ids = parsed
@@ -175,6 +178,19 @@ class Revocations:
         self._stamp = stamp
         reread, self._loaded = self._loaded, True
         if reread and changed and self.on_change is not None:
+            self.on_change()
+
+    def _unusable(self, error: str) -> None:
+        """The file cannot be used: every key and certificate is refused (fail closed). Said
+        once per new error; past the first read that is a change like any other, so the
+        connections already open are checked too (and refused), as a reload does."""
+        if error == self.error:
+            return
+        self.error = error
+        log.error("revocation_list_unusable", path=str(self.path), error=error,
+                  hint="every key and certificate is refused until the file is fixed")
+        reread, self._loaded = self._loaded, True
+        if reread and self.on_change is not None:
             self.on_change()
 
     def check_key(self, public_data: bytes) -> str | None:

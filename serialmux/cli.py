@@ -44,8 +44,16 @@ def main() -> None:
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
 @config_option
 def check_config(path: str | None, config_path: str) -> None:
-    """Validate a configuration file; errors name file, line and key."""
+    """Validate a configuration file (and its [ssh] revoked_keys file); errors name file,
+    line and key."""
+    from .auth import Revocations
+
     config = _load(path or config_path)
+    revoked = Revocations(config.ssh.revoked_keys)
+    if revoked.error:
+        click.echo(f"serialmux: [ssh] revoked_keys is unusable, so every key and certificate "
+                   f"would be refused: {revoked.error}", err=True)
+        sys.exit(1)
     click.echo(f"{config.path}: OK ({len(config.vms)} VMs, {len(config.users)} users, "
                f"{len(config.grants)} grants)")
 
@@ -306,8 +314,9 @@ def reload(config_path: str) -> None:
       0  every change applied
       1  the configuration has errors (nothing applied), the daemon cannot be
          reached, or a change was not applied: SSH listeners kept as they were
-         (e.g. an address in use), or a setting that needs a restart; each is
-         named on stderr
+         (e.g. an address in use), or a setting that needs a restart; or the
+         reload applied but found a problem ([ssh] revoked_keys unusable: every
+         key is refused); each is named on stderr
     """
     reply = _control(config_path, {"cmd": "reload"})
     click.echo(reply["result"])
@@ -321,7 +330,10 @@ def reload(config_path: str) -> None:
                     "(systemctl restart serialmux)")
     for text in left:
         click.echo(f"serialmux: not applied: {text}", err=True)
-    if left:
+    problems = reply.get("problems")
+    for text in problems if isinstance(problems, list) else []:
+        click.echo(f"serialmux: problem: {text}", err=True)
+    if left or problems:
         sys.exit(1)
 
 

@@ -409,7 +409,7 @@ class ControlServer:
             return {"result": f"configuration reloaded from {done.path}"
                               + (f", {left} change(s) not applied" if left else ""),
                     "path": done.path, "listeners_kept": done.listeners_kept,
-                    "restart_needed": done.restart_needed}
+                    "restart_needed": done.restart_needed, "problems": done.problems}
         raise ControlError(f"unknown command {cmd!r}")
 
     async def _attach(self, peer: Peer, request: dict[str, Any], reader: asyncio.StreamReader,

@@ -86,6 +86,7 @@ class ReloadResult:
     errors: list[str] = field(default_factory=list)
     listeners_kept: str | None = None
     restart_needed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # applied, but the operator must act
 
     def __bool__(self) -> bool:
         return self.applied
@@ -181,8 +182,11 @@ async def reload_daemon(daemon: Daemon, who: str) -> ReloadResult:
     try:
         plan = await _apply(daemon, new, cas, who, listening,
                             None if kept is None else f"kept as they were: {kept}")
+        problems = [] if daemon.revoked.error is None else [
+            f"[ssh] revoked_keys is unusable, so every key and certificate is refused (and "
+            f"the connections open were cut): {daemon.revoked.error}"]
         return ReloadResult(True, str(path), listeners_kept=kept,
-                            restart_needed=plan.restart_needed)
+                            restart_needed=plan.restart_needed, problems=problems)
     finally:
         if listening is not None:
             Listeners.abort(listening)  # if the reload ended early: nothing left listening

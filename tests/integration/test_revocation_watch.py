@@ -112,3 +112,33 @@ def test_revocations_notice_a_replaced_file_and_ignore_same_contents(tmp_path: P
     revoked.refresh()
     assert calls == [1]
     assert revoked.serials == {2}
+
+
+async def test_a_revocation_file_made_unusable_fails_closed_the_same_every_way(
+        tmp_path: Path, users: dict[str, User], vm: PtyVM) -> None:
+    """A malformed line in revoked_keys (meant to revoke bob): the watcher cuts the open
+    sessions as a reload would (it left them, while a reload cut them), new logins are
+    refused, and check-config and reload say the file is unusable (they said OK)."""
+    from tests.support import run_cli
+
+    async with started(tmp_path, vm, users) as (gw, _):
+        bob = await gw.attach(users["bob"], "web-01")
+        await bob.wait_out(b"(writer)")
+        with (tmp_path / "revoked").open("a") as f:
+            f.write(users["bob"].public + "\nserial:abc\n")
+        await bob.wait_out(b"revocation list unusable", timeout=CUT_WITHIN)
+        await closed(bob.conn)
+        try:
+            late = await gw.connect(users["alice"], "web-01")
+        except asyncssh.PermissionDenied:
+            pass
+        else:
+            late.close()
+            raise AssertionError("a login went through an unusable revocation list")
+        check = await run_cli("check-config", str(gw.config_path))
+        assert check.status == 1
+        assert "revoked_keys is unusable" in check.err
+        assert "serial: needs a decimal" in check.err
+        reload = await run_cli("reload", "--config", str(gw.config_path))
+        assert reload.status == 1, reload
+        assert "serialmux: problem: [ssh] revoked_keys is unusable" in reload.err
