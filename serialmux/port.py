@@ -37,6 +37,7 @@ from .config import PortKind, PortSpec, VMConfig
 from .errors import describe
 from .floodread import FULL_READ, FloodReader
 from .log import get_logger
+from .ttyowner import controlling_process
 
 log = get_logger(__name__)
 
@@ -492,6 +493,9 @@ class VMPort:
     def _open_failure(self, exc: BaseException) -> str:
         """Why an open failed, naming what was opened: an OS error alone does not say."""
         reason = describe(exc) + self._denied_hint(exc)
+        if "exclusively lock" in str(exc):
+            reason += ("; another process holds it (a second serialmux? "
+                       "'fuser -v' on the path says who)")
         if isinstance(exc, OSError) and not isinstance(exc, serial.SerialException):
             return f"{exc.filename or self.description}: {reason}"  # pyserial's names it
         return reason
@@ -537,10 +541,18 @@ class VMPort:
                     f"{path} is a different PTY now (its number was reused): not attaching, "
                     f"it may be another VM's; if it is {self.vm.name}'s again, "
                     f"`serialmux reopen {self.vm.name}` on the host attaches it")
+            owner = controlling_process(path) if spec.kind is not PortKind.QMP else None
+            if owner is not None:
+                raise _NotReady(
+                    f"{path} is the terminal of {owner}, not a VM's serial port: not attaching "
+                    "(a stale pty: path? port = \"qmp:serial0\" follows the VM)")
             # Opening a PTY or tty with O_NONBLOCK does not block: no thread hop,
-            # which keeps start-up fast with thousands of consoles.
+            # which keeps start-up fast with thousands of consoles. exclusive: an
+            # flock on the tty, so a second serialmux (a copied config) cannot
+            # share it and split the guest's output.
             port = _DirectSerial(path, baudrate=self.vm.baud, bytesize=8, parity="N",
-                                 stopbits=1, xonxoff=False, rtscts=False, dsrdtr=False)
+                                 stopbits=1, xonxoff=False, rtscts=False, dsrdtr=False,
+                                 exclusive=True)
             _SerialTransport(loop, protocol, port)
             if identity is not None:
                 self._pty_seen = identity

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import resource
 from collections.abc import Iterator
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from serialmux.ring import Record, RecordKind, RingReader
-from tests.support import Gateway, PtyVM, User, gateway, run_cli
+from serialmux.ttyowner import controlling_process
+from tests.support import WAIT, Gateway, PtyVM, User, gateway, run_cli
 
 
 def _take_number(path: str, others: list[PtyVM]) -> PtyVM:
@@ -135,3 +138,81 @@ async def test_each_console_costs_two_fds(tmp_path: Path, users: dict[str, User]
     finally:
         for v in vms:
             v.close()
+
+
+async def test_a_pty_that_is_someones_terminal_is_not_attached(
+        tmp_path: Path, users: dict[str, User]) -> None:
+    """A pty: path that is now a session's controlling terminal (an operator's shell after a
+    reboot gave it the number) is not attached: its output is not read, nothing typed reaches
+    it, and the console says whose terminal it is."""
+    import subprocess
+    import sys
+
+    shell = PtyVM()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys; os.setsid(); fd = os.open(sys.argv[1], os.O_RDWR);"
+         " print('held', flush=True); sys.stdin.read()", shell.slave_path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"held\n"  # its controlling terminal now
+        async with asyncio.timeout(WAIT):  # a scan of /proc answers for FRESH_FOR seconds
+            while controlling_process(shell.slave_path) is None:
+                await asyncio.sleep(0.05)
+        shell.write(b"root@host:~# secret\r\n")
+        async with gateway(tmp_path, vms={"web-01": shell.port},
+                           users={"alice": users["alice"]},
+                           grants=[(["alice"], ["*"], "owner")]) as g:
+            console = g.console("web-01")
+            assert not console.up
+            assert f"{shell.slave_path} is the terminal of python" in (console.down_reason or "")
+            assert console.bytes_read == 0
+    finally:
+        holder.kill()
+        holder.communicate()  # reaps it and closes its pipes
+        shell.close()
+
+
+async def test_a_pty_another_serialmux_holds_is_not_shared(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """The daemon holds an exclusive lock on each tty it reads: a second daemon (a copied
+    config with other directories) cannot open it and split the guest's output; once the
+    first lets go, the second gets it."""
+    from serialmux.config import VMConfig
+    from serialmux.port import VMPort
+
+    assert gw.console("web-01").up
+    reasons: list[str] = []
+
+    class Sink:
+        def port_data(self, data: bytes) -> None:
+            raise AssertionError(f"read by a second reader: {data!r}")
+
+        def port_up(self, description: str) -> None:
+            reasons.append("up")
+
+        def port_down(self, reason: str) -> None:
+            pass
+
+        def port_failed(self, reason: str) -> None:
+            reasons.append(reason)
+
+        def port_waiting(self, reason: str) -> None:
+            pass
+
+    second = VMPort(VMConfig(name="web-01", port=gw.console("web-01").vm.port), Sink())
+    task = asyncio.create_task(second.run())
+    try:
+        async with asyncio.timeout(WAIT):
+            await second.tried.wait()
+        assert reasons
+        assert "another process holds it" in reasons[0]
+        vm.write(b"only the first reads this\r\n")
+        c = await gw.attach(users["alice"], "web-01+replay=0", subsystem="console")
+        vm.write(b"still only the first\r\n")
+        await c.wait_out(b"still only the first\r\n")
+        await c.close()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
