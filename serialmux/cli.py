@@ -318,7 +318,7 @@ def reload(config_path: str) -> None:
          reload applied but found a problem ([ssh] revoked_keys unusable: every
          key is refused); each is named on stderr
     """
-    reply = _control(config_path, {"cmd": "reload"})
+    reply = _control(config_path, {"cmd": "reload", "path": str(Path(config_path).absolute())})
     click.echo(reply["result"])
     left = []
     if reply.get("listeners_kept"):

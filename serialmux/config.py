@@ -200,7 +200,7 @@ def load_config(path: str | Path) -> Config:
     Raises :class:`ConfigError` (a :class:`ConfigErrors` when there are
     several) naming the file, line and key of each problem.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # named in messages and compared by `serialmux reload`
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -398,6 +398,12 @@ class ControlServer:
             reason = reason if isinstance(reason, str) and reason else "disabled by an operator"
             return {"result": daemon.disabling.disable(name, reason, who)}
         if cmd == "reload":
+            asked, running = request.get("path"), daemon.config.path
+            if isinstance(asked, str) and running is not None \
+                    and os.path.realpath(asked) != os.path.realpath(running):
+                raise ControlError(f"this daemon runs {running}, and a reload re-reads that "
+                                   f"file, not {asked}: edit {running}, or start serialmux "
+                                   "with --config pointing at the other one")
             done = await daemon.reload(who=f"control:{who.user}")
             if not done:
                 raise ControlError("the configuration has errors; the running one stays:\n"

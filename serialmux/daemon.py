@@ -27,7 +27,7 @@ from .config import Config, Listen, VMConfig
 from .connections import Connections
 from .console import Console
 from .disabling import Disabling
-from .errors import SerialmuxError
+from .errors import AlreadyRunning, SerialmuxError
 from .heap import Heap
 from .instancelock import InstanceLock
 from .log import Audit, get_logger
@@ -207,7 +207,8 @@ class Daemon:
             self._lock.acquire({"server.state_dir": self.state_dir,
                                 "server.runtime_dir": self.config.server.runtime_dir})
         except SerialmuxError as exc:
-            self.audit.event("daemon_start", result="failed", reason=str(exc))
+            if not isinstance(exc, AlreadyRunning):  # its audit file is the other daemon's
+                self.audit.event("daemon_start", result="failed", reason=str(exc))
             if self._owns_audit:
                 self.audit.close()
             raise
@@ -323,7 +324,7 @@ class Daemon:
         console = self.consoles[vm.name]
         await self.stop_console(vm.name)
         if console.up:
-            console.port_down("port changed by a configuration reload")
+            console.port_down("reopened by a configuration reload")
         if console.ring is not None and console.ring.size != vm.ring_size:
             console.vm = vm  # the size a ring opened late must have
             await self.rings.renew(console)  # the port is stopped: nothing to log meanwhile

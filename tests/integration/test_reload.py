@@ -896,3 +896,17 @@ async def test_a_console_added_by_reload_is_marked_so_not_as_a_daemon_start(
     rewrite(gw)
     assert await gw.daemon.reload("test")
     assert starts() == ["console added by a configuration reload"] * 2
+
+
+async def test_cli_reload_of_another_file_than_the_daemons_is_refused(
+        gw: Gateway, spare: list[PtyVM]) -> None:
+    """serialmux reload --config OTHER (same runtime_dir, another file): refused, exit 1,
+    naming the file the daemon runs; it said 'reloaded' and re-read the daemon's own file."""
+    assert gw.daemon is not None
+    other = gw.tmp / "other.toml"
+    other.write_text(gw.toml() + f'[vms.web-09]\nport = "{spare[0].port}"\n')
+    result = await run_cli("reload", "--config", str(other))
+    assert result.status == 1
+    assert f"this daemon runs {gw.config_path}, and a reload re-reads that file, not {other}" \
+        in result.err
+    assert "web-09" not in gw.daemon.consoles

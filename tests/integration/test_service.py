@@ -216,6 +216,8 @@ async def test_second_serve_on_the_same_dirs_exits_at_once_touching_nothing(
             f"server.state_dir: {lock} is locked; stop it first (systemctl stop serialmux), "
             "or give this one its own server.state_dir"]
         assert '"vm"' not in second.out  # no ring, no port, no QMP was opened
+        # Nor an audit event: with audit_file set, that is the running daemon's file.
+        assert "daemon_start" not in second.out + second.err
         # Only the runtime_dir shared: the control socket is not taken over either.
         other = tmp_path / "other.toml"
         other.write_text(conf.read_text().replace(f'state_dir = "{tmp_path}/state"',
