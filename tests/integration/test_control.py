@@ -503,7 +503,7 @@ async def test_local_attach_follows_takeover_rules(gw: Gateway, users: dict[str,
     local = spawn_attach(gw, "web-01")
     try:
         await watcher.expect("\\(read-only\\)", async_=True)
-        await local.expect("\\(writer\\)", async_=True)
+        await local.expect("\\(writer, took over from alice@127.0.0.1\\)", async_=True)
         await ssh.wait_out(b"console taken over by root from local")
         assert await ssh.wait_closed() == 1
         local.send(b"from local\r")

@@ -189,7 +189,7 @@ async def test_markers_record_attach_and_takeover(gw: Gateway, users: dict[str, 
     await a.wait_out(b"(writer)")
     b = await gw.attach(users["bob"], "web-01")
     await a.wait_closed()
-    await b.wait_out(b"(writer)")
+    await b.wait_out(b"(writer, took over from alice@127.0.0.1)")
     with RingReader(gw.console("web-01").ring.path) as reader:
         texts = [r.text() for r in reader.records() if isinstance(r, Record)]
     assert "alice attached" in texts
