@@ -9,8 +9,9 @@ plain key and for a certificate, unless the certificate carries ``no-touch-requi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncssh
@@ -98,6 +99,16 @@ async def refused(gw: Gateway, key: asyncssh.SSHKey,
     assert not [e for e in gw.audit_events if e["event"] == "auth_success"]
 
 
+@contextlib.asynccontextmanager
+async def bob_trusting_the_ca(tmp_path: Path, users: dict[str, User], vm: PtyVM
+                              ) -> AsyncIterator[Gateway]:
+    """A gateway where bob (a reader) may log in with a certificate from ca.pub."""
+    async with gateway(tmp_path, vms={"web-01": vm.port}, users={"bob": users["bob"]},
+                       grants=[(["bob"], ["*"], "reader")],
+                       extra='[ssh]\nuser_ca_keys = ["ca.pub"]') as gw:
+        yield gw
+
+
 @SOFT_KEYS
 async def test_sk_certificate_without_touch_is_refused(
         tmp_path: Path, users: dict[str, User], vm: PtyVM, ca: asyncssh.SSHKey,
@@ -106,9 +117,7 @@ async def test_sk_certificate_without_touch_is_refused(
     vm.start()
     key = make_key(NO_TOUCH)
     cert = ca.generate_user_certificate(key, "bob-sk", principals=["bob"])
-    async with gateway(tmp_path, vms={"web-01": vm.port}, users={"bob": users["bob"]},
-                       grants=[(["bob"], ["*"], "reader")],
-                       extra='[ssh]\nuser_ca_keys = ["ca.pub"]') as gw:
+    async with bob_trusting_the_ca(tmp_path, users, vm) as gw:
         await refused(gw, key, cert)
 
 
@@ -120,9 +129,7 @@ async def test_sk_certificate_with_touch_logs_in(
     vm.start()
     key = make_key(USER_PRESENT)
     cert = ca.generate_user_certificate(key, "bob-sk", principals=["bob"])
-    async with gateway(tmp_path, vms={"web-01": vm.port}, users={"bob": users["bob"]},
-                       grants=[(["bob"], ["*"], "reader")],
-                       extra='[ssh]\nuser_ca_keys = ["ca.pub"]') as gw:
+    async with bob_trusting_the_ca(tmp_path, users, vm) as gw:
         assert await login(gw, key, cert) == 0
         await gw.wait_audit("auth_success", user="bob", key_id="bob-sk")
 
@@ -137,9 +144,7 @@ async def test_sk_certificate_with_no_touch_required_needs_no_touch(
     cert = ca.generate_user_certificate(key, "bob-sk", principals=["bob"],
                                         touch_required=False)
     assert cert.options.get("no-touch-required")
-    async with gateway(tmp_path, vms={"web-01": vm.port}, users={"bob": users["bob"]},
-                       grants=[(["bob"], ["*"], "reader")],
-                       extra='[ssh]\nuser_ca_keys = ["ca.pub"]') as gw:
+    async with bob_trusting_the_ca(tmp_path, users, vm) as gw:
         assert await login(gw, key, cert) == 0
         await gw.wait_audit("auth_success", user="bob", key_id="bob-sk")
 
