@@ -322,6 +322,11 @@ class Daemon:
     async def reopen_console(self, vm: VMConfig) -> None:
         """Give a console a new port (or QMP, or ring size); its sessions stay attached."""
         console = self.consoles[vm.name]
+        was = console.vm
+        if (was.port, was.baud, was.qmp) == (vm.port, vm.baud, vm.qmp):  # only ring_size
+            console.use_config(vm)
+            await self.rings.resize(console)  # the port carries on, its sessions see nothing
+            return
         await self.stop_console(vm.name)
         if console.up:
             console.port_down("reopened by a configuration reload")

@@ -166,11 +166,16 @@ class Rings:
             if console is None or console.ring is None or console.ring.size == console.vm.ring_size:
                 continue  # gone, or changed by a reload meanwhile
             async with self.daemon.changes:  # not while a reload or discovery change runs
-                console.port.pause_reading(True)
-                try:
-                    await self.renew(console)
-                finally:
-                    console.port.pause_reading(False)
+                await self.resize(console)
+
+    async def resize(self, console: Console) -> None:
+        """Give *console* a ring of its VM's ``ring_size`` (:meth:`renew`) while its port
+        waits: the guest's output stays in the PTY or socket meanwhile, none is lost."""
+        console.port.pause_reading(True)
+        try:
+            await self.renew(console)
+        finally:
+            console.port.pause_reading(False)
 
     async def renew(self, console: Console) -> None:
         """Close *console*'s ring and open it again at its VM's ``ring_size``, which resizes
