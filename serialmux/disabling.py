@@ -262,6 +262,13 @@ class Disabling:
             was = before is not None and not before.enabled
             self._copy(name)
             key = self._config_key(name)
+            if was and key is None:  # enabled again by the configuration: say so, as enable does
+                self.daemon.audit.event("enable", vm=name, user=who, result="ok",
+                                        source="configuration")
+                console.mark("ACTION", "enabled by a configuration reload" + (
+                    f" (still disabled: {console.disabled})" if console.disabled else ""),
+                    user=who, action="enable")
+                continue
             if was or key is None:
                 continue
             self.daemon.audit.event("disable", vm=name, user=who, reason=f"{key} = false",

@@ -343,7 +343,8 @@ async def test_disabled_static_vm_removed_and_added_again_stays_disabled(
 async def test_reload_setting_enabled_false_closes_sessions_and_true_lifts_it(
         gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
     """A reload that sets [vms.web-01] enabled = false tells and closes its sessions, marks the
-    ring and refuses attaches, while the port is still read; setting it back to true lifts it."""
+    ring and refuses attaches, while the port is still read; setting it back to true lifts it,
+    audited and marked in the ring as an enable (nothing said so)."""
     assert gw.daemon is not None
     c = await gw.attach(users["alice"], "web-01")
     await c.wait_out(b"(writer)")
@@ -370,6 +371,10 @@ async def test_reload_setting_enabled_false_closes_sessions_and_true_lifts_it(
     gw.vm_extra = {}
     rewrite(gw)
     assert await gw.daemon.reload("test")
+    await gw.wait_audit("enable", vm="web-01", source="configuration")
+    with RingReader(console.ring.path) as reader:
+        texts = [r.text() for r in reader.records() if isinstance(r, Record)]
+    assert texts[-1] == "enabled by a configuration reload"
     ok = await gw.attach(users["alice"], "web-01")
     await ok.wait_out(b"(writer)")
     await ok.close()
