@@ -51,6 +51,7 @@ log = get_logger(__name__)
 SHUTDOWN_GRACE = 5.0
 PORT_TRY_TIMEOUT = 5.0
 REPLAY_BATCH = 64 * 1024
+VM_EVENT_BURST = 2.0  # seconds within which the same QMP event again is the same one
 
 
 class _Stop(Exception):
@@ -96,6 +97,7 @@ class Daemon:
         self.discovery: Discovery | None = None
         self.changes = asyncio.Lock()  # one reload or discovery change at a time
         self._last_status = ""
+        self._last_vm_event: dict[str, tuple[str, float]] = {}  # VM → (text, when)
         # gc.freeze() once ready, so full collections skip the consoles (serialmux.heap).
         self.heap = Heap(enabled=freeze_heap)
         # One daemon per state_dir and runtime_dir, held while serve() runs.
@@ -310,6 +312,7 @@ class Daemon:
     async def remove_console(self, name: str, reason: str) -> None:
         """Tell and close *name*'s sessions, stop its port, close its ring with a marker."""
         console = self.consoles.pop(name)
+        self._last_vm_event.pop(name, None)
         console.close_all(reason)
         await self.stop_console(name)
         console.flush_redacted()  # output held back by redaction goes in before the marker
@@ -376,10 +379,17 @@ class Daemon:
                 "GUEST_PANICKED": "guest panicked"}.get(name, f"VM event {name}")
         reason = data.get("reason") if isinstance(data, dict) else None
         text += f" ({reason})" if reason else ""
-        console.mark("VM_EVENT", text, event=name)
-        console.notice(text)
         if name in ("RESET", "RESUME"):
             console.port.retry_now()
+        # QEMU fires several RESET events for one reset (1 to 14 with the default
+        # firmware): one marker and one notice for a burst of the same event.
+        now = time.monotonic()
+        last = self._last_vm_event.get(console.name)
+        self._last_vm_event[console.name] = (text, now)
+        if last is not None and last[0] == text and now - last[1] < VM_EVENT_BURST:
+            return
+        console.mark("VM_EVENT", text, event=name)
+        console.notice(text)
 
     # -- replay --------------------------------------------------------------------
 

@@ -339,3 +339,20 @@ async def test_status_with_an_unanswering_qmp_reports_it_as_the_vm_state(
     assert result.exit_status == 0, result.stderr
     assert b"console: up" in result.stdout
     assert b"vm: unknown (web-01: QMP query-status got no reply" in result.stdout
+
+
+async def test_a_burst_of_the_same_vm_event_is_one_notice_and_one_marker(
+        hv_gw: Gateway, users: dict[str, User], fake: FakeQMP) -> None:
+    """QEMU fires several RESET events for one reset: a session hears of it once and the ring
+    has one marker (each watcher got 3-4 notices per reset); another event still comes."""
+    watcher = await hv_gw.attach(users["carol"], "web-01+ro")
+    await watcher.wait_out(b"(read-only)")
+    for _ in range(4):
+        fake.event("RESET", {"guest": True, "reason": "guest-reset"})
+    fake.event("STOP", {})
+    await watcher.wait_out(b"[serialmux: VM paused]")
+    assert watcher.out.count(b"VM reset (guest-reset)") == 1
+    with RingReader(hv_gw.console("web-01").ring.path) as reader:
+        texts = [r.text() for r in reader.records() if isinstance(r, Record)]
+    assert texts.count("VM reset (guest-reset)") == 1
+    await watcher.close()
