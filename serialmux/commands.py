@@ -271,6 +271,8 @@ async def _sysrq(daemon: Daemon, process: Any, out: _Out, console: Console, iden
     p = _parser("sysrq")
     p.add_argument("key")
     ns = p.parse_args(args)
+    if not actions.SYSRQ_KEYS.fullmatch(ns.key):  # a usage error (exit 2), as argparse's are
+        raise UsageError(f"sysrq: {actions.SYSRQ_USAGE}")
     return await _action(Action.SYSRQ, daemon, out, console, identity, ns.key)
 
 

@@ -148,3 +148,15 @@ async def test_all_refusal_does_not_count_vms_without_a_grant(tmp_path: Path,
     finally:
         for v in vms:
             v.close()
+
+
+async def test_sysrq_with_a_bad_key_is_a_usage_error(gw: Gateway, users: dict[str, User]) -> None:
+    """`sysrq Z` exits 2 with the valid keys, as every other usage error does (it exited 1),
+    and is audited as refused; nothing is sent."""
+    conn = await gw.connect(users["alice"], "web-01")
+    result = await asyncio.wait_for(conn.run("sysrq Z", encoding=None), WAIT)
+    assert result.exit_status == 2
+    assert result.stderr == (b"serialmux: sysrq: sysrq takes one key: 0-9 or a-z "
+                             b"(e.g. 'h' for help)\n")
+    await gw.wait_audit("command", action="sysrq", user="alice", result="refused")
+    conn.close()
