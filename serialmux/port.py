@@ -37,7 +37,6 @@ from .config import PortKind, PortSpec, VMConfig
 from .errors import describe
 from .floodread import FULL_READ, FloodReader
 from .log import get_logger
-from .ttyowner import controlling_process
 
 log = get_logger(__name__)
 
@@ -541,11 +540,6 @@ class VMPort:
                     f"{path} is a different PTY now (its number was reused): not attaching, "
                     f"it may be another VM's; if it is {self.vm.name}'s again, "
                     f"`serialmux reopen {self.vm.name}` on the host attaches it")
-            owner = controlling_process(path) if spec.kind is not PortKind.QMP else None
-            if owner is not None:
-                raise _NotReady(
-                    f"{path} is the terminal of {owner}, not a VM's serial port: not attaching "
-                    "(a stale pty: path? port = \"qmp:serial0\" follows the VM)")
             # Opening a PTY or tty with O_NONBLOCK does not block: no thread hop,
             # which keeps start-up fast with thousands of consoles. exclusive: an
             # flock on the tty, so a second serialmux (a copied config) cannot

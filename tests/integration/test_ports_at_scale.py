@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from serialmux.ring import Record, RecordKind, RingReader
-from serialmux.ttyowner import controlling_process
 from tests.support import WAIT, Gateway, PtyVM, User, gateway, run_cli
 
 
@@ -138,39 +137,6 @@ async def test_each_console_costs_two_fds(tmp_path: Path, users: dict[str, User]
     finally:
         for v in vms:
             v.close()
-
-
-async def test_a_pty_that_is_someones_terminal_is_not_attached(
-        tmp_path: Path, users: dict[str, User]) -> None:
-    """A pty: path that is now a session's controlling terminal (an operator's shell after a
-    reboot gave it the number) is not attached: its output is not read, nothing typed reaches
-    it, and the console says whose terminal it is."""
-    import subprocess
-    import sys
-
-    shell = PtyVM()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import os, sys; os.setsid(); fd = os.open(sys.argv[1], os.O_RDWR);"
-         " print('held', flush=True); sys.stdin.read()", shell.slave_path],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline() == b"held\n"  # its controlling terminal now
-        async with asyncio.timeout(WAIT):  # a scan of /proc answers for FRESH_FOR seconds
-            while controlling_process(shell.slave_path) is None:
-                await asyncio.sleep(0.05)
-        shell.write(b"root@host:~# secret\r\n")
-        async with gateway(tmp_path, vms={"web-01": shell.port},
-                           users={"alice": users["alice"]},
-                           grants=[(["alice"], ["*"], "owner")]) as g:
-            console = g.console("web-01")
-            assert not console.up
-            assert f"{shell.slave_path} is the terminal of python" in (console.down_reason or "")
-            assert console.bytes_read == 0
-    finally:
-        holder.kill()
-        holder.communicate()  # reaps it and closes its pipes
-        shell.close()
 
 
 async def test_a_pty_another_serialmux_holds_is_not_shared(
