@@ -337,7 +337,8 @@ class Daemon:
             console.vm = vm  # the size a ring opened late must have
             await self.rings.renew(console)  # the port is stopped: nothing to log meanwhile
         console.vm = vm
-        console.port = VMPort(vm, console)
+        old_port, console.port = console.port, VMPort(vm, console)
+        console.port.carry_over(old_port)
         console.hypervisor = None
         self.heap.released()  # the old port and hypervisor
         if vm.qmp:

@@ -435,6 +435,12 @@ class VMPort:
         """Skip the current backoff wait (e.g. the hypervisor says the VM started)."""
         self._retry_now.set()
 
+    def carry_over(self, old: VMPort) -> None:
+        """Replace *old* (a reload changed baud or qmp): a ``pty:`` path they share keeps the
+        PTY *old* knew, so its number reused by another PTY is still refused."""
+        if old.spec.kind is self.spec.kind is PortKind.PTY and old.spec.path == self.spec.path:
+            self._pty_seen, self._refusing_reused = old._pty_seen, old._refusing_reused
+
     def accept_reused_pty(self) -> bool:
         """The host's operator confirmed it (``serialmux reopen``): attach to the PTY at
         the path now, although its number was reused since the port last had it (the VM

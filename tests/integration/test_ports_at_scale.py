@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from serialmux.ring import Record, RecordKind, RingReader
-from tests.support import WAIT, Gateway, PtyVM, User, gateway, run_cli
+from tests.support import WAIT, Gateway, PtyVM, User, gateway, run_cli, wait_out_after
 
 
 def _take_number(path: str, others: list[PtyVM]) -> PtyVM:
@@ -182,3 +182,29 @@ async def test_a_pty_another_serialmux_holds_is_not_shared(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_reload_that_reopens_the_port_still_refuses_a_reused_number(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """A reload that changes the VM's baud builds a new port: it still knows the PTY the path
+    named, so the reused number stays refused (the new port had forgotten and attached it)."""
+    c = await gw.attach(users["alice"], "web-01+replay=0")
+    await c.wait_out(b"(writer)")
+    path = vm.slave_path
+    vm.close()
+    await c.wait_out(b"web-01 console is down")
+    others: list[PtyVM] = []
+    try:
+        _take_number(path, others)
+        await c.wait_out(b"is a different PTY now")
+        offset = len(c.out)
+        gw.vm_extra = {"web-01": "baud = 9600"}
+        gw.config_path.write_text(gw.toml())
+        assert gw.daemon is not None
+        assert await gw.daemon.reload("test")
+        await wait_out_after(c, offset, b"is a different PTY now")
+        assert not gw.console("web-01").up
+    finally:
+        for other in others:
+            other.close()
+        await c.close()
