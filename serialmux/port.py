@@ -402,6 +402,7 @@ class VMPort:
         self.last_error: str | None = None
         self._pty_seen: tuple[int, int] | None = None  # the PTY a pty: path first named
         self._refusing_reused = False  # the path names another PTY now; reopen accepts it
+        self._held: set[str] = set()  # why reading is paused (pause_reading)
 
     def set_pty_resolver(self, resolve: Callable[[], Awaitable[str | None]]) -> None:
         """Give a ``qmp:`` port the function that asks QEMU for its PTY path."""
@@ -422,14 +423,32 @@ class VMPort:
             return None  # a UNIX socket (a path), a PTY or a tty
         return str(sockname[0]), int(sockname[1])
 
-    def pause_reading(self, paused: bool) -> None:
-        """Stop (True) or restart (False) reading the open port: the console's flow control.
+    def pause_reading(self, paused: bool, why: str = "flow") -> None:
+        """Stop (True) or restart (False) reading the port for *why*: the console's flow
+        control (``flow``), a ring being resized (``resize``). It reads when nothing holds it.
 
         The VM's bytes wait in its PTY or socket meanwhile, as on a serial line
-        with flow control. A port opened again starts reading.
+        with flow control. A port opened again starts reading, unless held for
+        anything but flow control.
         """
+        if paused:
+            self._held.add(why)
+        else:
+            self._held.discard(why)
         if self._protocol is not None:
-            self._protocol.pause(paused)
+            self._protocol.pause(bool(self._held))
+
+    @property
+    def held(self) -> frozenset[str]:
+        """Why reading is paused now (``flow``, ``resize``); empty when it reads."""
+        return frozenset(self._held)
+
+    def _opened(self, protocol: _PortProtocol) -> None:
+        """*protocol* is the port's connection now: it reads unless held (see above)."""
+        self._protocol = protocol
+        self._held.discard("flow")
+        if self._held:
+            protocol.pause(True)
 
     def retry_now(self) -> None:
         """Skip the current backoff wait (e.g. the hypervisor says the VM started)."""
@@ -474,7 +493,7 @@ class VMPort:
                     log.info("port_recovered", vm=self.vm.name, port=self.description,
                              was=self.last_error)
                 self.last_error = None
-                self._protocol = protocol
+                self._opened(protocol)
                 self.sink.port_up(self.description)
                 try:
                     reason = await protocol.closed
@@ -583,7 +602,7 @@ class VMPort:
         try:
             while True:
                 protocol = await arrivals.get()
-                self._protocol = protocol
+                self._opened(protocol)
                 self.sink.port_up(f"{self.description} (QEMU connected)")
                 try:
                     reason = await protocol.closed

@@ -281,7 +281,7 @@ class RingWriter(_RingFile):
                 new._write_batch(kept)
             dropped = held - len(kept)
             new.marker(RecordKind.NOTE, f"ring resized from {old_size} to {size} bytes"
-                       + (f"; its {dropped} oldest records did not fit" if dropped else ""),
+                       + (f"; {dropped} of its records did not fit" if dropped else ""),
                        old_size=old_size, size=size, dropped=dropped)
         finally:
             new.close()  # a checkpoint and an fdatasync

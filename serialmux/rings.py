@@ -48,6 +48,9 @@ REMOVED = "console removed"
 
 CHECKPOINT_ROUNDS = 10  # a changing ring writes its checkpoint every 10th sync round
 RING_WAIT = 5.0  # the longest a reload or discovery change waits on one ring's disk
+# The longest a resize (its port paused: the guest's output waits in the PTY or socket)
+# waits for the new ring: a 128 MiB ring of short lines takes about 6 s.
+RESIZE_WAIT = 60.0
 
 
 class Rings:
@@ -114,9 +117,10 @@ class Rings:
     # console, nor hold a reload or discovery change for long: each waits at most
     # RING_WAIT, and the work finishes in the background.
 
-    async def open(self, vm: VMConfig, text: str) -> RingWriter | None:
+    async def open(self, vm: VMConfig, text: str, *, wait: float = RING_WAIT
+                   ) -> RingWriter | None:
         """*vm*'s ring, opened in a worker thread and marked with *text* (why it opens now:
-        the daemon did not just start); None if that takes over :data:`RING_WAIT`.
+        the daemon did not just start); None if that takes over *wait* seconds.
 
         A ring that opens later is adopted by its console then (the output read
         meanwhile is not in it), or closed if the console is gone, has a ring of
@@ -125,12 +129,12 @@ class Rings:
         opening = asyncio.get_running_loop().run_in_executor(None, self._open, vm)
         late = functools.partial(self._opened_late, vm, text)
         try:
-            await asyncio.wait({opening}, timeout=RING_WAIT)
+            await asyncio.wait({opening}, timeout=wait)
         except asyncio.CancelledError:  # shutdown: the ring, when it opens, is closed
             opening.add_done_callback(late)
             raise
         if not opening.done():
-            log.error("ring_open_slow", vm=vm.name, waited=RING_WAIT,
+            log.error("ring_open_slow", vm=vm.name, waited=wait,
                       hint="the console runs without its ring until the disk answers")
             opening.add_done_callback(late)
             return None
@@ -162,20 +166,20 @@ class Rings:
         """
         for name in [n for n, c in self.daemon.consoles.items()
                      if c.ring is not None and c.ring.size != c.vm.ring_size]:
-            console = self.daemon.consoles.get(name)
-            if console is None or console.ring is None or console.ring.size == console.vm.ring_size:
-                continue  # gone, or changed by a reload meanwhile
             async with self.daemon.changes:  # not while a reload or discovery change runs
-                await self.resize(console)
+                console = self.daemon.consoles.get(name)
+                if console is not None and console.ring is not None \
+                        and console.ring.size != console.vm.ring_size:  # not gone or changed
+                    await self.resize(console)
 
     async def resize(self, console: Console) -> None:
         """Give *console* a ring of its VM's ``ring_size`` (:meth:`renew`) while its port
         waits: the guest's output stays in the PTY or socket meanwhile, none is lost."""
-        console.port.pause_reading(True)
+        console.port.pause_reading(True, "resize")
         try:
             await self.renew(console)
         finally:
-            console.port.pause_reading(False)
+            console.port.pause_reading(False, "resize")
 
     async def renew(self, console: Console) -> None:
         """Close *console*'s ring and open it again at its VM's ``ring_size``, which resizes
@@ -186,8 +190,9 @@ class Rings:
             await self.close(console.name, ring, RecordKind.DAEMON_STOP,
                              "console closed to change its ring_size")
         size = console.vm.ring_size
-        console.ring = await self.open(
-            console.vm, f"console reopened with a new ring of {size} bytes (ring_size changed)")
+        console.ring = await self.open(  # the port waits meanwhile: wait longer than RING_WAIT
+            console.vm, f"console reopened with a new ring of {size} bytes (ring_size changed)",
+            wait=RESIZE_WAIT)
 
     async def close(self, name: str, ring: RingWriter,
                     kind: RecordKind | None = None, text: str = "") -> None:

@@ -911,3 +911,20 @@ async def test_cli_reload_of_another_file_than_the_daemons_is_refused(
     assert f"this daemon runs {gw.config_path}, and a reload re-reads that file, not {other}" \
         in result.err
     assert "web-09" not in gw.daemon.consoles
+
+
+async def test_a_ring_only_reload_leaves_a_port_held_by_flow_control_held(
+        gw: Gateway, users: dict[str, User]) -> None:
+    """The port waits for two reasons at once, flow control (a writer behind) and a ring
+    being resized: the resize's end lets go of its own reason only (it resumed reading
+    while the console still waited for its writer)."""
+    assert gw.daemon is not None
+    port = gw.console("web-01").port
+    port.pause_reading(True)  # as the console does for a writer that fell behind
+    gw.vm_extra = {"web-01": 'ring_size = "2MiB"'}
+    rewrite(gw)
+    assert await gw.daemon.reload("test")
+    assert gw.console("web-01").ring.size == 2 << 20
+    assert port.held == {"flow"}
+    port.pause_reading(False)
+    assert port.held == frozenset()
