@@ -453,8 +453,8 @@ async def test_hung_socket_guest_is_closed_at_once_when_its_console_stops(
             assert not _peer_closed(guest)
             if kind == "unix":
                 g.vms = {"web-01": f"unix:{tmp_path / 'elsewhere.sock'}"}
-            else:
-                g.vm_extra = {"web-01": 'ring_size = "128KiB"'}
+            else:  # reopens the port (a ring_size change alone no longer does)
+                g.vm_extra = {"web-01": "baud = 9600"}
             g.config_path.write_text(g.toml())
             assert await g.daemon.reload("test")
             assert _peer_closed(guest)  # the reload waited for the close; nothing was drained
