@@ -6,13 +6,22 @@ import asyncio
 import contextlib
 import os
 import resource
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from serialmux.ring import Record, RecordKind, RingReader
-from tests.support import WAIT, Gateway, PtyVM, User, gateway, run_cli, wait_out_after
+from tests.support import (
+    WAIT,
+    Client,
+    Gateway,
+    PtyVM,
+    User,
+    gateway,
+    run_cli,
+    wait_out_after,
+)
 
 
 def _take_number(path: str, others: list[PtyVM]) -> PtyVM:
@@ -25,34 +34,10 @@ def _take_number(path: str, others: list[PtyVM]) -> PtyVM:
     pytest.skip(f"the kernel did not reuse {path} within 64 PTYs")
 
 
-async def test_reused_pty_number_is_not_attached(gw: Gateway, users: dict[str, User],
-                                                 vm: PtyVM) -> None:
-    """When a VM's PTY closes and another PTY gets its number, it is not taken as the VM."""
-    c = await gw.attach(users["alice"], "web-01+replay=0")
-    await c.wait_out(b"(writer)")
-    path = vm.slave_path
-    vm.close()
-    await c.wait_out(b"web-01 console is down")
-    others: list[PtyVM] = []
-    try:
-        other = _take_number(path, others)
-        other.write(b"another VM's secret\r\n")
-        await c.wait_out(b"is a different PTY now")
-        assert b"another VM's secret" not in c.out
-        assert not gw.console("web-01").up
-        with RingReader(gw.console("web-01").ring.path) as reader:
-            assert not any(b"secret" in r.payload for r in reader.records()
-                           if isinstance(r, Record) and r.kind is RecordKind.OUTPUT)
-    finally:
-        for other in others:
-            other.close()
-        await c.close()
-
-
-async def test_reopen_attaches_the_reused_pty_number_and_a_reload_does_not(
-        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
-    """The VM restarted and got its PTY number back: a reload (made for anything else) does
-    not attach it; `serialmux reopen VM`, the host operator's word, does, in the same session."""
+@contextlib.asynccontextmanager
+async def number_reused(gw: Gateway, users: dict[str, User], vm: PtyVM
+                        ) -> AsyncIterator[tuple[Client, PtyVM]]:
+    """alice attached as writer; the VM's PTY closes and another PTY takes its number."""
     c = await gw.attach(users["alice"], "web-01+replay=0")
     await c.wait_out(b"(writer)")
     path = vm.slave_path
@@ -60,7 +45,32 @@ async def test_reopen_attaches_the_reused_pty_number_and_a_reload_does_not(
     await c.wait_out(b"web-01 console is down")  # the daemon's fd closed: the number is free
     others: list[PtyVM] = []
     try:
-        again = _take_number(path, others)
+        yield c, _take_number(path, others)
+    finally:
+        for other in others:
+            other.close()
+        await c.close()
+
+
+async def test_reused_pty_number_is_not_attached(gw: Gateway, users: dict[str, User],
+                                                 vm: PtyVM) -> None:
+    """When a VM's PTY closes and another PTY gets its number, it is not taken as the VM."""
+    async with number_reused(gw, users, vm) as (c, other):
+        other.write(b"another VM's secret\r\n")
+        await c.wait_out(b"is a different PTY now")
+        assert b"another VM's secret" not in c.out
+        assert not gw.console("web-01").up
+        with RingReader(gw.console("web-01").ring.path) as reader:
+            assert not any(b"secret" in r.payload for r in reader.records()
+                           if isinstance(r, Record) and r.kind is RecordKind.OUTPUT)
+
+
+async def test_reopen_attaches_the_reused_pty_number_and_a_reload_does_not(
+        gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
+    """The VM restarted and got its PTY number back: a reload (made for anything else) does
+    not attach it; `serialmux reopen VM`, the host operator's word, does, in the same session."""
+    path = vm.slave_path
+    async with number_reused(gw, users, vm) as (c, again):
         again.write(b"not for alice\r\n")
         await c.wait_out(b"`serialmux reopen web-01` on the host attaches it")
         assert gw.daemon is not None
@@ -73,10 +83,6 @@ async def test_reopen_attaches_the_reused_pty_number_and_a_reload_does_not(
         await gw.wait_audit("reopen", vm="web-01", reused_pty=True)
         again.write(b"booted again\r\n")
         await c.wait_out(b"booted again")
-    finally:
-        for other in others:
-            other.close()
-        await c.close()
 
 
 @pytest.fixture
@@ -188,14 +194,7 @@ async def test_a_reload_that_reopens_the_port_still_refuses_a_reused_number(
         gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
     """A reload that changes the VM's baud builds a new port: it still knows the PTY the path
     named, so the reused number stays refused (the new port had forgotten and attached it)."""
-    c = await gw.attach(users["alice"], "web-01+replay=0")
-    await c.wait_out(b"(writer)")
-    path = vm.slave_path
-    vm.close()
-    await c.wait_out(b"web-01 console is down")
-    others: list[PtyVM] = []
-    try:
-        _take_number(path, others)
+    async with number_reused(gw, users, vm) as (c, _):
         await c.wait_out(b"is a different PTY now")
         offset = len(c.out)
         gw.vm_extra = {"web-01": "baud = 9600"}
@@ -204,7 +203,3 @@ async def test_a_reload_that_reopens_the_port_still_refuses_a_reused_number(
         assert await gw.daemon.reload("test")
         await wait_out_after(c, offset, b"is a different PTY now")
         assert not gw.console("web-01").up
-    finally:
-        for other in others:
-            other.close()
-        await c.close()
