@@ -461,15 +461,15 @@ class VMPort:
             self._pty_seen, self._refusing_reused = old._pty_seen, old._refusing_reused
 
     def accept_reused_pty(self) -> bool:
-        """The host's operator confirmed it (``serialmux reopen``): attach to the PTY at
-        the path now, although its number was reused since the port last had it (the VM
-        restarted and got its old number back). True when the port was refusing one."""
+        """The host's operator confirmed it (``serialmux reopen``): the next open attaches
+        the PTY at the path, although its number was reused since the port last had it
+        (the VM restarted and got its old number back); the caller retries now. True when
+        the port was refusing one."""
         if not self._refusing_reused:
             return False
         self._refusing_reused = False
         self._pty_seen = None
         log.info("port_reused_pty_accepted", vm=self.vm.name, port=self.description)
-        self.retry_now()
         return True
 
     async def run(self) -> None:
