@@ -95,8 +95,8 @@ def report(run: Run, header: list[str]) -> str:
             "",
             "| peer | client | MB/s | × base (per round) | lost to client MB (max) | daemon CPU %"
             " | RSS MB | RTT p50 µs | RTT p99 µs | p50 × base (per round)"
-            " | rounds byte-exact (tput / rtt) |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            " | daemon CPU µs a keystroke | rounds byte-exact (tput / rtt) |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for key in keys:
             name, cl = key
@@ -113,6 +113,7 @@ def report(run: Run, header: list[str]) -> str:
                 f" | {r_t} | {f1(max([r.get('lost', 0) / 1e6 for r in t], default=None))}"
                 f" | {f0(med([r['cpu'] for r in t]))} | {f1(med([r['rss'] / 1e6 for r in t]))}"
                 f" | {f0(p50)} | {f0(med([r['p99'] for r in lt]))} | {r_l}"
+                f" | {f0(med([r['cpu_us'] for r in lt if 'cpu_us' in r]))}"
                 f" | {len(t_ok)}/{len(run.tput.get(key, []))}"
                 f" / {len(lt)}/{len(run.lat.get(key, []))} |"
             )
