@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import io
+import concurrent.futures
 import shlex
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -25,7 +24,7 @@ from .access import Action, Identity, allowed
 from .config import Role
 from .console import Console
 from .errors import AccessDenied, HypervisorError, SerialmuxError
-from .logs import follow_logs, parse_since, write_logs
+from .logs import LOGS_CHUNK, POLL_INTERVAL, logs_chunks, parse_since
 from .sshd import server_of
 
 if TYPE_CHECKING:
@@ -55,23 +54,17 @@ commands (ssh -p PORT VM@HOST COMMAND):
 MAX_REASON = 200
 
 # ``logs`` reads rings in threads of its own, never the loop's default executor
-# (reload, BREAK and ring syncs run there). ``logs -f`` holds a thread for as
-# long as it follows, so follows are capped per user and in all, leaving
-# threads for one-shot ``logs``; a one-shot waits for a free thread. A one-shot
-# also holds its thread while its client does not read (up to stall_timeout),
-# so one-shots are capped per user too: one user holds at most
-# MAX_FOLLOWS_PER_USER + MAX_ONESHOTS_PER_USER threads, half of them.
+# (reload, BREAK and ring syncs run there). A thread only ever does one bounded
+# step of file work (logs.py: at most LOGS_CHUNK bytes of output, or one look
+# at the ring for a follow); waiting for the client to read, and a follow's
+# poll interval, happen in the event loop, so no client holds a thread. The
+# caps bound what each command does hold meanwhile: an open ring file, up to
+# LOGS_CHUNK bytes of output, and for a follow a step every POLL_INTERVAL.
 LOGS_WORKERS = 16
 MAX_FOLLOWS = 12
 MAX_FOLLOWS_PER_USER = 4
 MAX_ONESHOTS_PER_USER = 4
 STDIN_CHUNK = 4096
-# ``logs`` output goes out LOGS_CHUNK bytes at a time, each write waiting until
-# the client can take more (wait_drained), so a client that opens a huge SSH
-# window and stops reading holds at most about this much beyond the
-# transport's high-water mark, and is ended after stall_timeout.
-LOGS_CHUNK = 64 * 1024
-LOOP_MARGIN = 10.0  # seconds a worker allows the loop beyond stall_timeout
 _logs_executor = ThreadPoolExecutor(max_workers=LOGS_WORKERS, thread_name_prefix="serialmux-logs")
 _follows: collections.Counter[str] = collections.Counter()
 _oneshots: collections.Counter[str] = collections.Counter()
@@ -376,51 +369,81 @@ async def _logs(daemon: Daemon, process: Any, out: _Out, console: Console, ident
 
 async def _run_logs(daemon: Daemon, process: Any, console: Console, identity: Identity,
                     ns: argparse.Namespace, since: datetime | None) -> int:
+    """Send the ring's output chunk by chunk, each read in a worker thread and each
+    waiting in the loop until the client can take more (at most stall_timeout)."""
     assert console.ring is not None
-    loop = asyncio.get_running_loop()
-    stop = threading.Event()
-    channel = _ChannelFile(process, loop, server_of(process).writable,
-                           lambda: daemon.config.server.stall_timeout)
-    sink = io.BufferedWriter(channel, buffer_size=LOGS_CHUNK)
-    path = console.ring.path
-
-    def work() -> None:
-        cursor = write_logs(path, sink, lines=None if (ns.since or ns.boot) else ns.lines,
-                                 since=since, boot=ns.boot, timestamps=ns.timestamps,
-                                 as_json=ns.json, raw=ns.raw)
-        if ns.follow:
-            follow_logs(path, sink, cursor, timestamps=ns.timestamps, as_json=ns.json,
-                             raw=ns.raw, stop=stop)
-
-    reader = loop.run_in_executor(_logs_executor, work)
-    reader.add_done_callback(_retrieve)  # read below, or not at all if we are cancelled
+    chunks = _Steps(logs_chunks(
+        console.ring.path, lines=None if (ns.since or ns.boot) else ns.lines, since=since,
+        boot=ns.boot, timestamps=ns.timestamps, as_json=ns.json, raw=ns.raw,
+        follow=ns.follow, chunk=LOGS_CHUNK))
+    writable = server_of(process).writable
     # EOF on stdin ends a follow, after the tail: `ssh -n VM@host logs -f` and
     # `</dev/null` get EOF at once, and still get the tail. A one-shot runs to its end.
-    closed: asyncio.Future[Any] = (asyncio.ensure_future(_wait_eof(process)) if ns.follow
-                                   else loop.create_future())  # never set: runs to its end
-    closed.add_done_callback(_retrieve)
+    closed: asyncio.Future[Any] | None = None
+    if ns.follow:
+        closed = asyncio.ensure_future(_wait_eof(process))
+        closed.add_done_callback(_retrieve)
     try:
-        await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
-        if not reader.done():
-            stop.set()  # the worker writes the tail, then follows one more poll and returns
-            await asyncio.wait({reader})
-    finally:
-        stop.set()
-        channel.close_now()  # a write waiting for the client fails now, not at its timeout
-        closed.cancel()
-        # The worker ends at its next write or poll; bounded all the same.
-        await asyncio.wait({reader}, timeout=daemon.config.server.stall_timeout)
-    if channel.stalled is not None:
+        while (chunk := await chunks.next()) is not None:
+            if not chunk:  # a follow caught up: look again after a poll interval
+                assert closed is not None
+                if closed.done():
+                    return 0
+                await asyncio.wait({closed}, timeout=POLL_INTERVAL)
+                continue
+            try:
+                process.stdout.write(chunk)
+                await wait_drained(process, writable, process.channel.get_write_buffer_size,
+                                   daemon.config.server.stall_timeout)  # read per chunk: reload
+            except (OSError, asyncssh.Error):
+                return 0  # the client went away: nobody to tell
+    except ClientStalled as stalled:
         daemon.audit.event("logs_stalled", vm=console.name, user=identity.user,
                            session=identity.session_id, peer=identity.peer, command="logs",
-                           reason=str(channel.stalled), result="ended")
-        raise SerialmuxError(f"logs: {channel.stalled}; output ended (server.stall_timeout). "
+                           reason=str(stalled), result="ended")
+        raise SerialmuxError(f"logs: {stalled}; output ended (server.stall_timeout). "
                              "Read the output as it comes, or use --lines/--since for less"
-                             ) from channel.stalled
-    failed = reader.exception() if reader.done() and not reader.cancelled() else None
-    if failed is not None and not isinstance(failed, BrokenPipeError):
-        raise failed  # RingError: the ring could not be read
+                             ) from stalled
+    finally:
+        chunks.close()
+        if closed is not None:
+            closed.cancel()
     return 0
+
+
+class _Steps:
+    """A generator of output chunks advanced in ``_logs_executor``, one step at a time.
+
+    The loop awaits each step before asking for the next, so no two threads
+    ever run the generator at once. :meth:`close` closes it (its ring file
+    with it) at once, or, if a step is still running in its thread (the
+    command was cancelled meanwhile), as soon as that step ends.
+    """
+
+    def __init__(self, chunks: Generator[bytes, None, None]) -> None:
+        self._chunks = chunks
+        self._step: concurrent.futures.Future[bytes | None] | None = None
+        self._closed = False
+
+    async def next(self) -> bytes | None:
+        """The next chunk (b"": a follow caught up), None at the end; raises what the
+        step raised (RingError)."""
+        if self._closed or (self._step is not None and not self._step.done()):
+            raise RuntimeError("logs: a step asked for while another runs, or after close")
+        self._step = _logs_executor.submit(next, self._chunks, None)
+        return await asyncio.wrap_future(self._step)
+
+    def close(self) -> None:
+        """Close the generator now or after the running step (any thread; runs once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._step is None:
+            self._chunks.close()
+        else:
+            # Called at once if the step is over (or was cancelled before it began),
+            # else by the worker thread right after it, with the generator at rest.
+            self._step.add_done_callback(lambda _: self._chunks.close())
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -465,67 +488,3 @@ async def wait_drained(process: Any, writable: asyncio.Event, buffered: Callable
             await writable.wait()
     except TimeoutError:
         raise ClientStalled(f"stalled: client read nothing for {stall_timeout:g} s") from None
-
-
-class _ChannelFile(io.RawIOBase):
-    """A blocking file for worker threads that writes to an SSH channel with backpressure.
-
-    Each write sends at most :data:`LOGS_CHUNK` bytes, then waits in the loop
-    (:func:`wait_drained`) until the client can take more, at most
-    ``stall_timeout``; a client that takes nothing for that long ends the
-    command (``stalled`` is then set). Writes fail with BrokenPipeError once
-    the client is gone, stalled, or :meth:`close_now` was called.
-    """
-
-    def __init__(self, process: asyncssh.SSHServerProcess[bytes],
-                 loop: asyncio.AbstractEventLoop, writable: asyncio.Event,
-                 stall_timeout: Callable[[], float]) -> None:
-        super().__init__()
-        self._process = process
-        self._loop = loop
-        self._writable = writable
-        self._stall_timeout = stall_timeout  # read per write: a reload may change it
-        self._sending: asyncio.Task[Any] | None = None  # the loop side of a write
-        self.closed_flag = False
-        self.stalled: ClientStalled | None = None
-
-    def writable(self) -> bool:
-        return True
-
-    def close_now(self) -> None:
-        """Fail the write in progress and every later one (loop thread)."""
-        self.closed_flag = True
-        if self._sending is not None:
-            self._sending.cancel()
-
-    async def _send(self, chunk: bytes, stall_timeout: float) -> None:
-        # In the loop thread, as close_now: a write either sees the flag or is cancelled.
-        if self.closed_flag:
-            raise BrokenPipeError("logs output closed")
-        self._sending = asyncio.current_task()
-        try:
-            self._process.stdout.write(chunk)
-            await wait_drained(self._process, self._writable,
-                               self._process.channel.get_write_buffer_size, stall_timeout)
-        finally:
-            self._sending = None
-
-    def write(self, data: Any) -> int:
-        if self.closed_flag:
-            raise BrokenPipeError("client went away")
-        with memoryview(data) as view:
-            chunk = bytes(view[:LOGS_CHUNK])  # a short write: BufferedWriter sends the rest
-        stall_timeout = self._stall_timeout()
-        sent = asyncio.run_coroutine_threadsafe(self._send(chunk, stall_timeout), self._loop)
-        try:
-            # _send is bounded by stall_timeout; the margin covers a busy loop.
-            sent.result(stall_timeout + LOOP_MARGIN)
-        except ClientStalled as exc:
-            self.closed_flag = True
-            self.stalled = exc
-            raise BrokenPipeError("client stalled") from exc
-        except Exception as exc:  # gone, closed, cancelled by close_now, or the loop is stuck
-            sent.cancel()
-            self.closed_flag = True
-            raise BrokenPipeError("client went away") from exc
-        return len(chunk)

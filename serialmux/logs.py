@@ -1,8 +1,13 @@
 """The engine of ``serialmux logs VM``: choose where to start in a ring and print it.
 
-cli.py parses options and calls :func:`write_logs` (and :func:`follow_logs` for
-``--follow``); this module reads rings through :class:`serialmux.ring.RingReader`
-and renders records in one of four formats:
+The work is resumable: :func:`tail_chunks` and :func:`follow_chunks` are
+generators that read the ring and hand out the rendered output in pieces of at
+most ``chunk`` bytes, doing only a bounded burst of file work per step, so the
+SSH ``logs`` command (commands.py) advances them one step at a time in a worker
+thread and waits for its client in the event loop, never in the thread.
+cli.py calls :func:`write_logs` (and :func:`follow_logs` for ``--follow``),
+thin loops over the same generators writing to a file. Records are read
+through :class:`serialmux.ring.RingReader` and rendered in one of four formats:
 
 * default: guest output bytes as they came, each marker on a line of its own
   as ``-- serialmux: <UTC time> <text> --``;
@@ -14,10 +19,12 @@ and renders records in one of four formats:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import threading
+from collections.abc import Generator, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,7 +32,21 @@ from typing import Any, BinaryIO
 from serialmux.errors import RingError
 from serialmux.ring import Record, RecordKind, RingReader, Skipped
 
-__all__ = ["follow_logs", "parse_since", "write_logs"]
+__all__ = [
+    "LOGS_CHUNK",
+    "POLL_INTERVAL",
+    "follow_chunks",
+    "follow_logs",
+    "logs_chunks",
+    "parse_since",
+    "tail_chunks",
+    "write_logs",
+]
+
+#: Most bytes of output one step of the generators hands out.
+LOGS_CHUNK = 64 * 1024
+#: Seconds between looks at the ring when following it.
+POLL_INTERVAL = 0.2
 
 _AGO_RE = re.compile(
     r"^\s*(\d+(?:\.\d+)?)\s*(s|secs?|seconds?|m|mins?|minutes?|h|hrs?|hours?|d|days?|w|weeks?)"
@@ -90,10 +111,38 @@ def _iso(time_ns: int, millis: bool = True) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class _Buffer:
+    """Rendered bytes waiting to be handed out, in pieces of at most ``size`` bytes."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"chunk size must be at least 1 byte, not {size}")
+        self.size = size
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def full(self) -> Iterator[bytes]:
+        """The pieces of exactly ``size`` bytes there are; the rest stays."""
+        while len(self.data) >= self.size:
+            piece = bytes(self.data[: self.size])
+            del self.data[: self.size]
+            yield piece
+
+    def rest(self) -> Iterator[bytes]:
+        """Everything there is, the last piece possibly short."""
+        yield from self.full()
+        if self.data:
+            piece = bytes(self.data)
+            self.data.clear()
+            yield piece
+
+
 class _Renderer:
     """Turns records into bytes for ``out``; keeps line state across calls (for follow)."""
 
-    def __init__(self, out: BinaryIO, *, timestamps: bool, as_json: bool, raw: bool) -> None:
+    def __init__(self, out: _Buffer, *, timestamps: bool, as_json: bool, raw: bool) -> None:
         self.out = out
         self.timestamps = timestamps
         self.as_json = as_json
@@ -195,8 +244,11 @@ def _start(
     return max(starts)
 
 
-def _emit(render: _Renderer, items: Any, skip_seq: int, skip: int) -> int | None:
-    """Render records; return the seq after the last one seen, None if none."""
+def _emit(
+    render: _Renderer, items: Iterable[Record | Skipped], skip_seq: int, skip: int
+) -> Generator[bytes, None, int | None]:
+    """Render records, handing out each full piece as it fills; return the seq after the
+    last one seen, None if none."""
     after: int | None = None
     last_time = 0
     for item in items:
@@ -207,7 +259,92 @@ def _emit(render: _Renderer, items: Any, skip_seq: int, skip: int) -> int | None
             render.record(item, skip if item.seq == skip_seq else 0)
             last_time = item.time_ns
             after = item.seq + 1
+        yield from render.out.full()
     return after
+
+
+def tail_chunks(
+    ring_path: Path,
+    *,
+    lines: int | None = 200,
+    since: datetime | None = None,
+    boot: bool = False,
+    timestamps: bool = False,
+    as_json: bool = False,
+    raw: bool = False,
+    chunk: int = LOGS_CHUNK,
+) -> Generator[bytes, None, int]:
+    """A ring's scrollback in pieces of at most ``chunk`` bytes; return the next seq
+    (the cursor for follow).
+
+    ``lines`` keeps the last N lines of output (None: everything), ``since``
+    starts at a time, ``boot`` at the last boot marker; together, the latest
+    start wins. Raises RingError if the ring cannot be opened or read. The
+    ring's file is open from the first step until the generator ends or is closed.
+    """
+    buf = _Buffer(chunk)
+    render = _Renderer(buf, timestamps=timestamps, as_json=as_json, raw=raw)
+    with RingReader(Path(ring_path)) as reader:
+        until = reader.next_seq()
+        seq, skip = _start(reader, lines, since, boot, until)
+        if seq < until:
+            yield from _emit(render, reader.records(seq, until_seq=until), seq, skip)
+    yield from buf.rest()
+    return until
+
+
+def follow_chunks(
+    ring_path: Path,
+    from_seq: int,
+    *,
+    timestamps: bool = False,
+    as_json: bool = False,
+    raw: bool = False,
+    chunk: int = LOGS_CHUNK,
+) -> Generator[bytes, None, None]:
+    """Records from ``from_seq`` on as the writer appends them, in pieces of at most
+    ``chunk`` bytes, without end.
+
+    Each look at the ring hands out what is new, then an empty piece: the
+    caller waits (a poll interval) before asking for more. A lapped reader
+    gets a "records overwritten" line; a ring replaced by a fresh file (moved
+    aside after damage) is followed from its start, and a missing file waited
+    for. The ring's file is closed when the generator is closed.
+    """
+    buf = _Buffer(chunk)
+    follower = _Follower(Path(ring_path), from_seq,
+                         _Renderer(buf, timestamps=timestamps, as_json=as_json, raw=raw))
+    try:
+        while True:
+            yield from follower.step()
+            yield from buf.rest()
+            yield b""
+    finally:
+        follower.close()
+
+
+def logs_chunks(
+    ring_path: Path,
+    *,
+    lines: int | None = 200,
+    since: datetime | None = None,
+    boot: bool = False,
+    timestamps: bool = False,
+    as_json: bool = False,
+    raw: bool = False,
+    follow: bool = False,
+    chunk: int = LOGS_CHUNK,
+) -> Generator[bytes, None, None]:
+    """:func:`tail_chunks`, then with ``follow`` :func:`follow_chunks` from where it ended.
+
+    Only a follow hands out empty pieces (caught up: wait before the next step).
+    """
+    cursor = yield from tail_chunks(ring_path, lines=lines, since=since, boot=boot,
+                                    timestamps=timestamps, as_json=as_json, raw=raw, chunk=chunk)
+    if follow:
+        # A renderer of its own, as the CLI's follow_logs after write_logs: same bytes.
+        yield from follow_chunks(ring_path, cursor, timestamps=timestamps, as_json=as_json,
+                                 raw=raw, chunk=chunk)
 
 
 def write_logs(
@@ -223,18 +360,20 @@ def write_logs(
 ) -> int:
     """Write a ring's scrollback to ``out``; return the next seq (the cursor for follow).
 
-    ``lines`` keeps the last N lines of output (None: everything), ``since``
-    starts at a time, ``boot`` at the last boot marker; together, the latest
-    start wins. Raises RingError if the ring cannot be opened or read.
+    The options are :func:`tail_chunks`'s. Raises RingError if the ring cannot
+    be opened or read.
     """
-    render = _Renderer(out, timestamps=timestamps, as_json=as_json, raw=raw)
-    with RingReader(Path(ring_path)) as reader:
-        until = reader.next_seq()
-        seq, skip = _start(reader, lines, since, boot, until)
-        if seq < until:
-            _emit(render, reader.records(seq, until_seq=until), seq, skip)
+    with contextlib.closing(tail_chunks(ring_path, lines=lines, since=since, boot=boot,
+                                        timestamps=timestamps, as_json=as_json,
+                                        raw=raw)) as pieces:
+        while True:
+            try:
+                out.write(next(pieces))
+            except StopIteration as end:
+                cursor: int = end.value
+                break
     out.flush()
-    return until
+    return cursor
 
 
 def follow_logs(
@@ -246,64 +385,70 @@ def follow_logs(
     as_json: bool = False,
     raw: bool = False,
     stop: threading.Event | None = None,
-    poll_interval: float = 0.2,
+    poll_interval: float = POLL_INTERVAL,
 ) -> None:
     """Write records from ``from_seq`` on as the writer appends them, until ``stop`` is set.
 
-    Polls the file every ``poll_interval`` seconds. A lapped reader gets a
-    "records overwritten" line; a ring replaced by a fresh file (moved aside
-    after damage) is followed from its start, and a missing file waited for.
+    Polls the file every ``poll_interval`` seconds; what it prints is
+    :func:`follow_chunks`'s.
     """
     stop = stop or threading.Event()
-    render = _Renderer(out, timestamps=timestamps, as_json=as_json, raw=raw)
-    path = Path(ring_path)
-    reader: RingReader | None = None
-    cursor: int | None = from_seq
-    try:
-        while True:
-            reader, cursor = _follow_step(path, reader, cursor, render)
+    with contextlib.closing(follow_chunks(ring_path, from_seq, timestamps=timestamps,
+                                          as_json=as_json, raw=raw)) as pieces:
+        for piece in pieces:
+            if piece:
+                out.write(piece)
+                continue
             out.flush()
             if stop.wait(poll_interval):
                 return
-    finally:
-        if reader is not None:
-            reader.close()
 
 
-def _follow_step(
-    path: Path, reader: RingReader | None, cursor: int | None, render: _Renderer
-) -> tuple[RingReader | None, int | None]:
-    """One poll: (re)open the ring if needed, write what is new; return the new state."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return reader, cursor  # moved aside, the new one not created yet
-    now = _now_ns()
-    replaced = reader is not None and reader.inode != (st.st_dev, st.st_ino)
-    if replaced:
-        assert reader is not None
-        reader.close()
-        reader = None
-    if reader is None:
+class _Follower:
+    """The state of a follow between looks at the ring: its reader and cursor."""
+
+    def __init__(self, path: Path, cursor: int, render: _Renderer) -> None:
+        self.path = path
+        self.cursor: int | None = cursor
+        self.render = render
+        self.reader: RingReader | None = None
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+    def step(self) -> Generator[bytes, None, None]:
+        """One look: (re)open the ring if needed, render what is new, handing out full pieces."""
         try:
-            reader = RingReader(path)
-        except RingError:
-            return None, cursor  # being created: try again next poll
-    if replaced:
-        if cursor is not None and reader.first_seq() <= cursor <= reader.next_seq():
-            render.note("ring file replaced (resized); following on", now)  # seqs carried on
-        else:
-            render.note("ring file replaced; following the new one from its start", now)
-            cursor = None
-    if cursor is not None and reader.next_seq() < cursor:
-        render.note("ring went back after a crash; continuing from its end", now)
-        cursor = reader.next_seq()
-    after = _emit(render, reader.records(cursor), -1, 0)
-    if after is not None:
-        cursor = after
-    elif cursor is None:
-        cursor = reader.next_seq()
-    return reader, cursor
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return  # moved aside, the new one not created yet
+        now = _now_ns()
+        render = self.render
+        replaced = self.reader is not None and self.reader.inode != (st.st_dev, st.st_ino)
+        if replaced:
+            self.close()
+        if self.reader is None:
+            try:
+                self.reader = RingReader(self.path)
+            except RingError:
+                return  # being created: try again next poll
+        reader = self.reader
+        if replaced:
+            if self.cursor is not None and reader.first_seq() <= self.cursor <= reader.next_seq():
+                render.note("ring file replaced (resized); following on", now)  # seqs carried on
+            else:
+                render.note("ring file replaced; following the new one from its start", now)
+                self.cursor = None
+        if self.cursor is not None and reader.next_seq() < self.cursor:
+            render.note("ring went back after a crash; continuing from its end", now)
+            self.cursor = reader.next_seq()
+        after = yield from _emit(render, reader.records(self.cursor), -1, 0)
+        if after is not None:
+            self.cursor = after
+        elif self.cursor is None:
+            self.cursor = reader.next_seq()
 
 
 def _now_ns() -> int:

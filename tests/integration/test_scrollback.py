@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import shutil
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import asyncssh
 import pytest
 
+from serialmux import commands
 from serialmux.ring import Record, RecordKind, RingReader, RingWriter, Skipped
-from tests.support import WAIT, Gateway, PtyVM, RawSession, User, openssh_args
+from tests.support import WAIT, Client, Gateway, PtyVM, RawSession, User, openssh_args
 
 SERIALMUX = [sys.executable, "-m", "serialmux"]
 
@@ -393,6 +398,116 @@ async def test_one_reader_cannot_starve_everybodys_logs(
     assert not any(e["event"] == "logs_stalled" for e in gw.audit_events)
     assert all(not s.closed for s in held if s.got_output)
     await gw.wait_audit("command", action="logs", user="carol", result="refused")
+
+
+@pytest.fixture
+def logs_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], None]]:
+    """Run `logs` on a pool of N threads instead of LOGS_WORKERS (shut down at teardown)."""
+    pools: list[ThreadPoolExecutor] = []
+
+    def use(n: int) -> None:
+        pools.append(ThreadPoolExecutor(max_workers=n, thread_name_prefix="test-logs"))
+        monkeypatch.setattr(commands, "_logs_executor", pools[-1])
+
+    yield use
+    for pool in pools:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def open_files(path: Path) -> int:
+    """How many of this process's open files are *path* (the daemon's ring writer is one)."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return links.count(os.path.realpath(path))
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Wait (at most WAIT) until *predicate()* holds, looking again on each loop turn."""
+    async with asyncio.timeout(WAIT):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_logs_clients_that_do_not_read_hold_no_thread(
+        gw: Gateway, users: dict[str, User], logs_threads: Callable[[int], None]) -> None:
+    """One-shot logs whose clients never read hold no worker thread: on 2 threads, two users'
+    8 are all sending at once and another user's logs answers at once; each one's ring file
+    is closed when it ends (its client gone, or stalled)."""
+    logs_threads(2)
+    ring = gw.console("web-01").ring
+    line = b"y" * 99 + b"\n"
+    ring.append(line * 2000)  # 200 KB: more than a window and a chunk
+    writer_files = open_files(ring.path)
+    changed = asyncio.Event()
+    held: dict[str, list[tuple[Any, _HeldLogs]]] = {"bob": [], "carol": []}
+    for name, pairs in held.items():
+        conn = await gw.connect(users[name], "web-01")
+        for _ in range(commands.MAX_ONESHOTS_PER_USER):
+            pairs.append(await conn.create_session(
+                lambda: _HeldLogs(changed), "logs --lines 100000", encoding=None, window=1024))
+    sessions = [s for pairs in held.values() for _, s in pairs]
+    try:
+        async with asyncio.timeout(WAIT):
+            while not all(s.got_output for s in sessions):
+                changed.clear()
+                await changed.wait()
+    except TimeoutError:
+        raise AssertionError(f"{sum(s.got_output for s in sessions)} of 8 logs sending, "
+                             f"{sum(s.closed for s in sessions)} ended") from None
+    result = await asyncio.wait_for(
+        (await gw.connect(users["alice"], "web-01")).run("logs -n 3", encoding=None), WAIT)
+    assert result.exit_status == 0
+    assert result.stdout == line * 3
+    assert not any(e["event"] == "logs_stalled" for e in gw.audit_events)
+    assert not any(s.closed for s in sessions)
+    assert open_files(ring.path) == writer_files + 8  # each held at its first chunk
+    for chan, _ in held["bob"]:  # bob goes away: his end, closing their ring files
+        chan.close()
+    await wait_until(lambda: open_files(ring.path) == writer_files + 4)
+    # carol's end after stall_timeout (5 s in tests), closing theirs too.
+    await wait_until(lambda: sum(e["event"] == "logs_stalled" for e in gw.audit_events) == 4)
+    await wait_until(lambda: open_files(ring.path) == writer_files)
+    assert not commands._oneshots
+    assert all(e["user"] == "carol" for e in gw.audit_events if e["event"] == "logs_stalled")
+
+
+async def test_idle_follows_hold_no_thread(gw: Gateway, users: dict[str, User], vm: PtyVM,
+                                           logs_threads: Callable[[int], None]) -> None:
+    """logs -f holds no worker thread while it waits for output: on 1 thread, 6 follows all
+    print their tail and then new output, a one-shot answers meanwhile, and a follow ended
+    by EOF or cut (as a reload removing a grant does) closes its ring file."""
+    assert gw.daemon is not None
+    logs_threads(1)
+    await print_lines(gw, vm, 5)
+    path = gw.console("web-01").ring.path
+    writer_files = open_files(path)
+    follows: dict[str, list[Client]] = {}
+    for name in ("bob", "carol"):
+        conn = await gw.connect(users[name], "web-01")
+        follows[name] = [Client(conn, await conn.create_process("logs -f -n 1", encoding=None))
+                         for _ in range(3)]
+    every = [c for cs in follows.values() for c in cs]
+    for c in every:
+        await c.wait_out(b"line 00004\r\n")
+    result = await asyncio.wait_for(
+        (await gw.connect(users["alice"], "web-01")).run("logs -n 1", encoding=None), WAIT)
+    assert result.exit_status == 0
+    assert result.stdout == b"line 00004\r\n"
+    vm.write(b"new output\r\n")
+    for c in every:
+        assert await c.wait_out(b"new output\r\n") == b"line 00004\r\nnew output\r\n"
+    for c in follows["bob"]:
+        c.process.stdin.write_eof()
+    for c in follows["bob"]:
+        assert await c.wait_closed() == 0
+    for entry in [e for e in gw.daemon.connections.execs if e.identity.user == "carol"]:
+        entry.cut("test: cut")
+    for c in follows["carol"]:
+        assert await c.wait_closed() == 1
+    await wait_until(lambda: open_files(path) == writer_files)
+    assert not commands._follows
 
 
 async def test_logs_lines_counts_guest_lines_in_text_and_json(gw: Gateway,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from serialmux.logs import follow_logs, parse_since, write_logs
+from serialmux.logs import follow_chunks, follow_logs, logs_chunks, parse_since, write_logs
 from serialmux.ring import RecordKind, RingWriter
 
 SMALL = 64 << 10
@@ -282,4 +284,61 @@ def test_follow_carries_on_across_a_resize(ring: Path) -> None:
     assert text.count(b"line 5") == 1
     assert b"ring resized from 65536 to 131072 bytes" in text
     assert b"following on" in text
+    w.close()
+
+
+def open_files(path: Path) -> int:
+    """How many of this process's open files are *path*."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return links.count(os.path.realpath(path))
+
+
+@pytest.mark.parametrize("fmt", [{}, {"timestamps": True}, {"as_json": True}, {"raw": True}])
+def test_chunks_are_bounded_and_add_up_to_write_logs(ring: Path, fmt: dict[str, bool]) -> None:
+    """logs_chunks hands out non-empty pieces of at most `chunk` bytes that together are
+    exactly what write_logs prints, in every format (a marker among the output too)."""
+    w = RingWriter.open(ring, SMALL)
+    for i in range(300):
+        w.append(b"line %03d with some text\r\n" % i + (b"partial" if i % 7 == 0 else b""))
+        if i == 150:
+            w.marker(RecordKind.VM_UP, "vm started")
+    pieces = list(logs_chunks(ring, lines=None, chunk=1000, **fmt))
+    assert len(pieces) > 5
+    assert all(0 < len(p) <= 1000 for p in pieces)
+    assert all(len(p) == 1000 for p in pieces[:-1])
+    assert b"".join(pieces) == run(ring, lines=None, **fmt)
+    w.close()
+
+
+def test_follow_chunks_say_when_caught_up_and_close_the_ring(ring: Path) -> None:
+    """follow_chunks hands out what is new then an empty piece (caught up), each time it
+    looks; it holds the ring open between looks and closing it closes the ring file."""
+    w = RingWriter.open(ring, SMALL)
+    w.append(b"before\r\n")
+    writer_files = open_files(ring)
+    follow = follow_chunks(ring, write_logs(ring, io.BytesIO()), chunk=4)
+    assert next(follow) == b""
+    w.append(b"after\r\n")
+    assert [next(follow) for _ in range(3)] == [b"afte", b"r\r\n", b""]
+    assert next(follow) == b""
+    assert open_files(ring) == writer_files + 1
+    follow.close()
+    assert open_files(ring) == writer_files
+    w.close()
+
+
+def test_closing_a_tail_midway_closes_the_ring(ring: Path) -> None:
+    """A one-shot's generator closed before its end (client gone, stalled, cancelled) closes
+    its ring file; until then it holds it."""
+    w = RingWriter.open(ring, SMALL)
+    w.append(b"x" * 5000)
+    writer_files = open_files(ring)
+    tail = logs_chunks(ring, lines=None, chunk=1000)
+    assert next(tail) == b"x" * 1000
+    assert open_files(ring) == writer_files + 1
+    tail.close()
+    assert open_files(ring) == writer_files
     w.close()
