@@ -5,8 +5,10 @@ generators that read the ring and hand out the rendered output in pieces of at
 most ``chunk`` bytes, doing only a bounded burst of file work per step, so the
 SSH ``logs`` command (commands.py) advances them one step at a time in a worker
 thread and waits for its client in the event loop, never in the thread.
-cli.py calls :func:`write_logs` (and :func:`follow_logs` for ``--follow``),
-thin loops over the same generators writing to a file. Records are read
+:func:`logs_chunks` joins the two, a follow carrying on the tail's line state.
+cli.py calls :func:`print_logs`, a loop over it writing to a file
+(:func:`write_logs` and :func:`follow_logs` are the two halves, each on its
+own). Records are read
 through :class:`serialmux.ring.RingReader` and rendered in one of four formats:
 
 * default: guest output bytes as they came, each marker on a line of its own
@@ -39,6 +41,7 @@ __all__ = [
     "follow_logs",
     "logs_chunks",
     "parse_since",
+    "print_logs",
     "tail_chunks",
     "write_logs",
 ]
@@ -282,14 +285,18 @@ def tail_chunks(
     start wins. Raises RingError if the ring cannot be opened or read. The
     ring's file is open from the first step until the generator ends or is closed.
     """
-    buf = _Buffer(chunk)
-    render = _Renderer(buf, timestamps=timestamps, as_json=as_json, raw=raw)
-    with RingReader(Path(ring_path)) as reader:
+    render = _Renderer(_Buffer(chunk), timestamps=timestamps, as_json=as_json, raw=raw)
+    return (yield from _tail(render, Path(ring_path), lines, since, boot))
+
+
+def _tail(render: _Renderer, path: Path, lines: int | None, since: datetime | None,
+          boot: bool) -> Generator[bytes, None, int]:
+    with RingReader(path) as reader:
         until = reader.next_seq()
         seq, skip = _start(reader, lines, since, boot, until)
         if seq < until:
             yield from _emit(render, reader.records(seq, until_seq=until), seq, skip)
-    yield from buf.rest()
+    yield from render.out.rest()
     return until
 
 
@@ -311,13 +318,16 @@ def follow_chunks(
     aside after damage) is followed from its start, and a missing file waited
     for. The ring's file is closed when the generator is closed.
     """
-    buf = _Buffer(chunk)
-    follower = _Follower(Path(ring_path), from_seq,
-                         _Renderer(buf, timestamps=timestamps, as_json=as_json, raw=raw))
+    render = _Renderer(_Buffer(chunk), timestamps=timestamps, as_json=as_json, raw=raw)
+    yield from _follow(render, Path(ring_path), from_seq)
+
+
+def _follow(render: _Renderer, path: Path, from_seq: int) -> Generator[bytes, None, None]:
+    follower = _Follower(path, from_seq, render)
     try:
         while True:
             yield from follower.step()
-            yield from buf.rest()
+            yield from render.out.rest()
             yield b""
     finally:
         follower.close()
@@ -338,13 +348,48 @@ def logs_chunks(
     """:func:`tail_chunks`, then with ``follow`` :func:`follow_chunks` from where it ended.
 
     Only a follow hands out empty pieces (caught up: wait before the next step).
+    The follow goes on with the tail's renderer: a line the tail left open (a
+    ``login:`` prompt) is carried on, not stamped again, and a marker after it
+    starts a line of its own.
     """
-    cursor = yield from tail_chunks(ring_path, lines=lines, since=since, boot=boot,
-                                    timestamps=timestamps, as_json=as_json, raw=raw, chunk=chunk)
+    render = _Renderer(_Buffer(chunk), timestamps=timestamps, as_json=as_json, raw=raw)
+    path = Path(ring_path)
+    cursor = yield from _tail(render, path, lines, since, boot)
     if follow:
-        # A renderer of its own, as the CLI's follow_logs after write_logs: same bytes.
-        yield from follow_chunks(ring_path, cursor, timestamps=timestamps, as_json=as_json,
-                                 raw=raw, chunk=chunk)
+        yield from _follow(render, path, cursor)
+
+
+def print_logs(
+    ring_path: Path,
+    out: BinaryIO,
+    *,
+    lines: int | None = 200,
+    since: datetime | None = None,
+    boot: bool = False,
+    timestamps: bool = False,
+    as_json: bool = False,
+    raw: bool = False,
+    follow: bool = False,
+    stop: threading.Event | None = None,
+    poll_interval: float = POLL_INTERVAL,
+) -> None:
+    """Write :func:`logs_chunks`'s output to ``out`` (the local ``serialmux logs``).
+
+    A follow flushes each time it has caught up and looks again every
+    ``poll_interval`` seconds until ``stop`` is set (or for ever).
+    """
+    stop = stop or threading.Event()
+    with contextlib.closing(logs_chunks(ring_path, lines=lines, since=since, boot=boot,
+                                        timestamps=timestamps, as_json=as_json, raw=raw,
+                                        follow=follow)) as pieces:
+        for piece in pieces:
+            if piece:
+                out.write(piece)
+                continue
+            out.flush()
+            if stop.wait(poll_interval):
+                return
+    out.flush()
 
 
 def write_logs(

@@ -6,13 +6,21 @@ import contextlib
 import io
 import json
 import os
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from serialmux.logs import follow_chunks, follow_logs, logs_chunks, parse_since, write_logs
+from serialmux.logs import (
+    follow_chunks,
+    follow_logs,
+    logs_chunks,
+    parse_since,
+    print_logs,
+    write_logs,
+)
 from serialmux.ring import RecordKind, RingWriter
 
 SMALL = 64 << 10
@@ -342,3 +350,45 @@ def test_closing_a_tail_midway_closes_the_ring(ring: Path) -> None:
     tail.close()
     assert open_files(ring) == writer_files
     w.close()
+
+
+def follow_after_open_line(ring: Path, then: list[bytes | str], **kwargs: bool) -> bytes:
+    """print_logs --follow of a ring ending in an open "login: " line, while *then* is
+    appended (bytes: output, str: an ATTACH marker); what it printed once "end" came."""
+    w = RingWriter.open(ring, SMALL)
+    w.append(b"web-01 login: ")
+    out = Watched(b"login: ")
+    stop = threading.Event()
+    thread = threading.Thread(target=print_logs, args=(ring, out),
+                              kwargs={"follow": True, "stop": stop, "poll_interval": 0.01,
+                                      **kwargs})
+    thread.start()
+    try:
+        assert out.seen.wait(timeout=30)  # the tail is out: what follows is the follow's
+        out.expect, out.seen = b"end\r\n", threading.Event()
+        for item in [*then, b"end\r\n"]:
+            if isinstance(item, str):
+                w.marker(RecordKind.ATTACH, item)
+            else:
+                w.append(item)
+        assert out.seen.wait(timeout=30)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        w.close()
+    assert not thread.is_alive()
+    return out.getvalue()
+
+
+def test_a_follow_continues_an_open_line_without_a_second_stamp(ring: Path) -> None:
+    """--timestamps: a line the tail left open (a login prompt) and the follow finishes is
+    one line with one time stamp."""
+    text = follow_after_open_line(ring, [b"root\r\n"], timestamps=True)
+    assert re.fullmatch(rb"\[[^]]+\] web-01 login: root\r\n\[[^]]+\] end\r\n", text), text
+
+
+def test_a_marker_after_an_open_line_starts_a_line_of_its_own(ring: Path) -> None:
+    """A marker the follow prints right after a line the tail left open goes on a new line."""
+    text = follow_after_open_line(ring, ["alice attached"])
+    assert re.fullmatch(rb"web-01 login: \r\n-- serialmux: \S+ alice attached --\r\nend\r\n",
+                        text), text
