@@ -477,6 +477,19 @@ async def listen_rig(
         await rig.close()
 
 
+async def guest_booted(rig: Rig) -> None:
+    """Start and boot the listen rig's guest unless an earlier test of the class did
+    (so that each test also runs alone, e.g. with -k)."""
+    if rig.gw.console("web-01").up:
+        return
+    client = await rig.attach()
+    await rig.guest.start()
+    await client.wait_out(b"web-01 console is up", GUEST)
+    await rig.guest.cont()
+    await client.wait_out(PROMPT, BOOT)
+    await client.close()
+
+
 @pytest.mark.usefixtures("image_ready")
 class TestListenUnix:
     """COM1 on ``-chardev socket,server=off,reconnect=1``: QEMU dials serialmux."""
@@ -501,6 +514,7 @@ class TestListenUnix:
 
     async def test_qemu_restart_dials_back_to_the_same_client(self, listen_rig: Rig) -> None:
         """kill -9 of QEMU: down notice; a new QEMU dials the same listener; the client sees it."""
+        await guest_booted(listen_rig)
         client = await listen_rig.attach()
         mark = len(client.out)
         await listen_rig.guest.kill()
@@ -521,10 +535,5 @@ class TestListenUnix:
         """^] b then h on a plain socket (which cannot carry a BREAK): QMP names the chardev
         dialing serialmux's path (among QEMU's other dialing sockets) and chardev-send-break
         puts a BREAK on the guest's UART, so the kernel takes h as SysRq."""
-        if not listen_rig.gw.console("web-01").up:  # run alone: start the guest first
-            client = await listen_rig.attach()
-            await listen_rig.guest.start()
-            await client.wait_out(b"web-01 console is up", GUEST)
-            await listen_rig.guest.cont()
-            await client.wait_out(PROMPT, BOOT)
+        await guest_booted(listen_rig)
         await break_then_sysrq_help(listen_rig)
