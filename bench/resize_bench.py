@@ -52,7 +52,6 @@ def main() -> None:
         master = Path(tmp) / "master.ring"
         held = fill(master, old, args.payload)
         for new in args.new or ["32MiB"]:
-            ring.write_bytes(b"")
             subprocess.run(["cp", "--sparse=never", str(master), str(ring)], check=True)
             out = subprocess.run([sys.executable, "-c", _CHILD, str(ring), str(parse_size(new))],
                                  check=True, capture_output=True, text=True).stdout.split()
