@@ -14,11 +14,9 @@ the kept records took twice their bytes and more.
   whose running total reaches ``total - room``. :func:`copy` then walks again
   from the sample just before that point, skips up to it and writes the rest.
 
-The walk (:func:`_chain`) reads the old ring a MiB at a time and checks each
-record as the reader does (magic, kind, length, CRC, sequence number, the link
-to the record before); anything else (damage, the end of the chain) goes to
-:meth:`RingReader._walk <serialmux.ringreader.RingReader._walk>`, so both walks
-see the records ``RingReader.records()`` returns, in its order.
+Both walks are :meth:`RingReader.records <serialmux.ringreader.RingReader.records>`
+up to the old ring's head as the plan found it; the copy starts at a sampled
+sequence number (the reader seeks to it), so the two see the same records.
 
 Nothing appends to the old ring meanwhile in the daemon (see ``_resize``), but
 the copy does not rely on it: :class:`Plan` holds the old ring's head before
@@ -30,24 +28,17 @@ moved.
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from serialmux.ringfile import (
-    _CHUNK,
-    _KINDS,
-    _REC,
-    _U32,
-    FLAG_START,
     HEADER_SIZE,
-    REC_HEADER,
-    REC_MAGIC,
     Record,
     RecordKind,
     _Head,
     _max_payload,
+    _span,
 )
 
 if TYPE_CHECKING:
@@ -56,14 +47,10 @@ if TYPE_CHECKING:
 
 #: Bytes the copy writes at once, and the distance between the walk's samples.
 BATCH: Final = 1 << 20
-_OUTPUT: Final = int(RecordKind.OUTPUT)
-_ALIGN_MASK: Final = ~7
 
-#: One record of a walk: (offset, seq, the CRC it links to, kind, time_ns, payload);
-#: offset -1 for a record found past damage (the walk cannot restart there).
-_Item = tuple[int, int, int | None, int, int, bytes | memoryview]
-#: Where a walk can start again: (records before, their total span, offset, seq, prev CRC).
-_Sample = tuple[int, int, int, int, int | None]
+#: Where a walk can start again: (records before, their total span, the seq there;
+#: None: the oldest record).
+_Sample = tuple[int, int, int | None]
 
 
 @dataclass(slots=True)
@@ -88,9 +75,8 @@ class Plan:
 def start(reader: RingReader, size: int, room: int) -> Plan:
     """A plan for copying *reader*'s ring into one of *size* with *room* bytes for records,
     before any walk: every record is kept when the old ring's data area fits the room."""
-    lay = reader._layout()
-    plan = Plan(lay.head, _max_payload(size), room)
-    plan.samples.append((0, 0, lay.oldest_off, lay.first_seq, None))
+    plan = Plan(reader._layout().head, _max_payload(size), room)
+    plan.samples.append((0, 0, None))
     return plan
 
 
@@ -99,28 +85,32 @@ def keeps_all(reader: RingReader, plan: Plan) -> bool:
     return reader.size - HEADER_SIZE <= plan.room and plan.limit >= reader._max_payload
 
 
+def _records(reader: RingReader, plan: Plan, from_seq: int | None) -> Iterator[Record]:
+    """The old ring's records from *from_seq* (None: the oldest) up to the plan's head."""
+    for rec in reader.records(from_seq, until_seq=plan.head.next_seq):
+        if isinstance(rec, Record):  # a damaged stretch's Skipped: nothing to copy
+            yield rec
+
+
 def measure(reader: RingReader, plan: Plan) -> None:
     """The first walk: count the records and their spans, sample the position every MiB."""
     limit, samples = plan.limit, plan.samples
     held = count = total = 0
     next_sample = BATCH
-    item: _Item | None = None
-    _, _, off, seq, prev = samples[0]
-    for item in _chain(reader, off, seq, prev):
+    for rec in _records(reader, plan, None):
         held += 1
-        length = len(item[5])
+        plan.last = rec
+        length = len(rec.payload)
         if length > limit:
-            if item[3] != _OUTPUT:
+            if rec.kind is not RecordKind.OUTPUT:
                 continue  # a marker too long for the new ring is dropped
             length = limit
-        if total >= next_sample and item[0] >= 0:
-            samples.append((count, total, item[0], item[1], item[2]))
+        if total >= next_sample:
+            samples.append((count, total, rec.seq))
             next_sample = total + BATCH
         count += 1
-        total += REC_HEADER + ((length + 7) & _ALIGN_MASK)
+        total += _span(length)
     plan.held, plan.count, plan.total = held, count, total
-    if item is not None:
-        plan.last = Record(item[1], item[4], RecordKind(item[3]), bytes(item[5]))
 
 
 def copy(reader: RingReader, new: RingWriter, plan: Plan, *, measured: bool = True) -> int:
@@ -133,31 +123,32 @@ def copy(reader: RingReader, new: RingWriter, plan: Plan, *, measured: bool = Tr
     """
     skip, room, limit = plan.skip, plan.room, plan.limit
     count = plan.count if measured else -1
-    n, acc, off, seq, prev = max((s for s in plan.samples if s[1] <= skip), key=lambda s: s[1],
-                                 default=plan.samples[0])
+    n, acc, from_seq = max((s for s in plan.samples if s[1] <= skip), key=lambda s: s[1],
+                           default=plan.samples[0])
     kept = written = 0
     batch = bytearray()
     begin = new._off
-    item: _Item | None = None
-    for item in _chain(reader, off, seq, prev):
+    for rec in _records(reader, plan, from_seq):
         if n == count:
             break
-        payload = item[5]
+        if not measured:
+            plan.held, plan.last = plan.held + 1, rec
+        payload = rec.payload
         length = len(payload)
         if length > limit:
-            if item[3] != _OUTPUT:
+            if rec.kind is not RecordKind.OUTPUT:
                 continue
             payload, length = payload[-limit:], limit
         n += 1
-        span = REC_HEADER + ((length + 7) & _ALIGN_MASK)
+        span = _span(length)
         if acc < skip:
             acc += span
             continue
         if written + span > room:
             break  # only if the old ring changed: the caller starts over
         if not kept:
-            new._seq = item[1]  # seqs run on from the oldest record kept
-        new._write(item[3], payload, item[4], batch)
+            new._seq = rec.seq  # seqs run on from the oldest record kept
+        new._write(int(rec.kind), payload, rec.time_ns, batch)
         kept += 1
         written += span
         if len(batch) >= BATCH:
@@ -166,55 +157,5 @@ def copy(reader: RingReader, new: RingWriter, plan: Plan, *, measured: bool = Tr
     if batch:
         os.pwrite(new._fd, batch, begin)
     if not measured:
-        plan.held = plan.count = kept
-        plan.total = written
-        if item is not None:
-            plan.last = Record(item[1], item[4], RecordKind(item[3]), bytes(item[5]))
+        plan.count, plan.total = kept, written
     return kept
-
-
-def _chain(reader: RingReader, off: int, seq: int, prev: int | None) -> Iterator[_Item]:
-    """The records along the chain from record *seq* at *off* (linked to *prev*, None: any).
-
-    What ``RingReader._walk`` returns from there, found a MiB at a time without a
-    call per record; past anything but a valid next record it is ``_walk`` itself.
-    """
-    fd, size, maxp = reader._fd, reader.size, reader._max_payload
-    unpack, u32, kinds = _REC.unpack_from, _U32.unpack_from, _KINDS
-    crc32, pread = zlib.crc32, os.pread
-    buf = b""
-    view = memoryview(buf)
-    base = 0  # the file offset of buf[0]
-    at = off  # where the record is looked for: off, then (wrapped) the data area's start
-    while True:
-        p = at - base
-        if p < 0 or p + REC_HEADER > len(buf):
-            buf = pread(fd, min(_CHUNK, size - at), at) if at + REC_HEADER <= size else b""
-            view, base, p = memoryview(buf), at, 0
-        found = False
-        if p + REC_HEADER <= len(buf):
-            magic, kind, flags, length, rseq, time_ns, rprev = unpack(buf, p)
-            span = REC_HEADER + ((length + 7) & _ALIGN_MASK)
-            if p and p + span > len(buf) and at + span <= size:  # runs past buf: read again
-                buf = pread(fd, min(_CHUNK, size - at), at)
-                view, base, p = memoryview(buf), at, 0
-                magic, kind, flags, length, rseq, time_ns, rprev = unpack(buf, p)
-                span = REC_HEADER + ((length + 7) & _ALIGN_MASK)
-            if (magic == REC_MAGIC and rseq == seq and (prev is None or rprev == prev)
-                    and 0 < length <= maxp and at + span <= size and p + span <= len(buf)
-                    and kind in kinds and not flags & ~FLAG_START):
-                end = p + REC_HEADER + length
-                crc = crc32(view[p + REC_HEADER : end], crc32(view[p : p + 28]))
-                found = crc == u32(buf, p + 28)[0]
-        if found:
-            yield at, seq, prev, kind, time_ns, view[p + REC_HEADER : end]
-            off = at = at + span
-            seq += 1
-            prev = crc
-        elif at == off and at != HEADER_SIZE:
-            at = HEADER_SIZE  # not here: the writer wrapped to the start
-        else:
-            break
-    for rec in reader._walk(off, seq, prev, seq, None):  # damage, or the end of the chain
-        if isinstance(rec, Record):
-            yield -1, rec.seq, None, int(rec.kind), rec.time_ns, rec.payload
