@@ -25,7 +25,6 @@ fresh ring started; ``RingWriter.recovered_from`` tells the caller.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -37,10 +36,10 @@ import stat
 import threading
 import time
 import zlib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
+from serialmux import ringresize
 from serialmux.errors import RingError
 from serialmux.ringfile import (
     _CKPT,
@@ -73,8 +72,8 @@ from serialmux.ringreader import RingReader, Skipped
 _RESIZE_NOTE_ROOM = 256
 #: The name a resized ring is written under before it replaces the old one.
 _RESIZING = ".resize"
-#: Bytes a resize writes at once.
-_BATCH = 1 << 20
+#: Tries at a resize before giving up on a ring that keeps being appended to.
+_RESIZE_TRIES = 3
 
 __all__ = [
     "DEFAULT_RING_SIZE",
@@ -244,72 +243,59 @@ class RingWriter(_RingFile):
     def _resize(self, size: int) -> None:
         """Rewrite this ring at *size*, keeping its newest records that fit, then reopen it.
 
-        One pass over the old ring; the kept records are written in large batches.
+        The copy streams (:mod:`serialmux.ringresize`: a walk to measure, a walk
+        to copy, a MiB written at a time; a few MiB of memory whatever the size).
         An OUTPUT record longer than the new ring's largest keeps its newest bytes.
         Sequence numbers run on from the oldest record kept (they are the old ones
         unless the old ring had a damaged stretch). The new ring is written beside
         the old one and renamed over it once it is on disk: a crash in between
         leaves the old ring whole (and a stale ``<name>.resize``, removed at the
         next open).
+
+        Nothing appends to the old ring meanwhile: this writer is not handed out
+        until open() returns, the daemon closed the ring's previous writer first
+        (``Rings.renew``; a marker it writes late is caught below) and another
+        daemon is kept out by the instance lock. Should the old ring's head move
+        all the same, the copy is started over (it never copies more than it
+        measured, so the kept part cannot overflow the new ring); a ring that
+        keeps moving is a RingError.
         """
         old_size = self.size
         tmp = self.path.with_name(f"{self.path.name}{_RESIZING}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
         room = size - HEADER_SIZE - _span(_RESIZE_NOTE_ROOM)
-        limit = _max_payload(size)
-        kept: collections.deque[Record] = collections.deque()
-        used = held = 0
-        last: Record | None = None
-        with RingReader(self.path) as reader:
-            for r in reader.records():
-                if not isinstance(r, Record):
-                    continue
-                held, last = held + 1, r
-                if len(r.payload) > limit:
-                    if r.kind is not RecordKind.OUTPUT:
-                        continue
-                    r = Record(r.seq, r.time_ns, r.kind, r.payload[-limit:])
-                kept.append(r)
-                used += _span(len(r.payload))
-                while used > room:
-                    used -= _span(len(kept.popleft().payload))
-        new = RingWriter.open(tmp, size, sync_create=False)
-        try:
-            if kept:
-                new._seq = kept[0].seq
-                new._write_batch(kept)
-            dropped = held - len(kept)
-            new.marker(RecordKind.NOTE, f"ring resized from {old_size} to {size} bytes"
-                       + (f"; {dropped} of its records did not fit" if dropped else ""),
-                       old_size=old_size, size=size, dropped=dropped)
-        finally:
-            new.close()  # a checkpoint and an fdatasync
+        for _ in range(_RESIZE_TRIES):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            with RingReader(self.path) as reader:
+                plan = ringresize.start(reader, size, room)
+                measured = not ringresize.keeps_all(reader, plan)
+                if measured:
+                    ringresize.measure(reader, plan)
+                new = RingWriter.open(tmp, size, sync_create=False)
+                try:
+                    kept = ringresize.copy(reader, new, plan, measured=measured)
+                    settled = reader._locate_head() == plan.head
+                    dropped = plan.held - kept
+                    if settled:
+                        new.marker(RecordKind.NOTE, f"ring resized from {old_size} to {size} "
+                                   "bytes" + (f"; {dropped} of its records did not fit"
+                                              if dropped else ""),
+                                   old_size=old_size, size=size, dropped=dropped)
+                finally:
+                    new.close()  # a checkpoint and an fdatasync
+            if settled:
+                break
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise RingError(f"records were appended to it during each of {_RESIZE_TRIES} tries "
+                            "to resize it; is another process writing it?", path=str(self.path))
         os.rename(tmp, self.path)
         _fsync_dir(self.path.parent)
         old, self._fd = self._fd, -1
         os.close(old)
         self._fd, _ = _open_or_create(self.path)
-        self.resized_from, self.resized_after = old_size, last
-
-    def _write_batch(self, records: Iterable[Record]) -> None:
-        """Append *records* (no wrap: they fit) as they are, a MiB per ``pwrite``."""
-        buf = bytearray()
-        start = off = self._off
-        for r in records:
-            flags = 0 if self._last_off else FLAG_START
-            head = _REC.pack(REC_MAGIC, r.kind, flags, len(r.payload), self._seq, r.time_ns,
-                             self._prev)
-            crc = zlib.crc32(r.payload, zlib.crc32(head))
-            span = _span(len(r.payload))
-            buf += head + _U32.pack(crc) + r.payload + _ZEROS[: span - REC_HEADER - len(r.payload)]
-            self._last_off, self._prev, self._seq, off = off, crc, self._seq + 1, off + span
-            if len(buf) >= _BATCH:
-                os.pwrite(self._fd, buf, start)
-                start, buf = off, bytearray()
-        if buf:
-            os.pwrite(self._fd, buf, start)
-        self._off = off
+        self.resized_from, self.resized_after = old_size, plan.last
 
     def _move_aside(self, why: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -376,7 +362,14 @@ class RingWriter(_RingFile):
         self._write(kind, memoryview(payload), time.time_ns() if time_ns is None else time_ns)
         return self._seq - 1
 
-    def _write(self, kind: int, payload: bytes | memoryview, time_ns: int) -> None:
+    def _write(self, kind: int, payload: bytes | memoryview, time_ns: int,
+               batch: bytearray | None = None) -> None:
+        """Write one record at the head, wrapping first if it does not fit before the end.
+
+        With *batch* the record is added to it instead, for the caller to write
+        (a resize: records that fit, a MiB per ``pwrite``); the head moves on as
+        if it were written.
+        """
         length = len(payload)
         span = _span(length)
         off = self._off
@@ -390,7 +383,13 @@ class RingWriter(_RingFile):
             head = _REC.pack(REC_MAGIC, kind, flags, length, self._seq, time_ns, self._prev)
             crc = zlib.crc32(payload, zlib.crc32(head))
             pad = span - REC_HEADER - length
-            os.pwritev(self._fd, [head, _U32.pack(crc), payload, _ZEROS[:pad]], off)
+            if batch is None:
+                os.pwritev(self._fd, [head, _U32.pack(crc), payload, _ZEROS[:pad]], off)
+            else:
+                batch += head
+                batch += _U32.pack(crc)
+                batch += payload
+                batch += _ZEROS[:pad]
         except OSError as exc:
             raise _os_error(self.path, exc) from exc
         self._last_off = off

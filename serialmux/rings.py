@@ -49,7 +49,9 @@ REMOVED = "console removed"
 CHECKPOINT_ROUNDS = 10  # a changing ring writes its checkpoint every 10th sync round
 RING_WAIT = 5.0  # the longest a reload or discovery change waits on one ring's disk
 # The longest a resize (its port paused: the guest's output waits in the PTY or socket)
-# waits for the new ring: a 128 MiB ring of short lines takes about 6 s.
+# waits for the new ring: about 6 s per 64 MiB of the shortest records (8 bytes), so
+# only a ring of hundreds of MiB of those takes longer (its console then reads on
+# without a ring until it is done, and adopts it then).
 RESIZE_WAIT = 60.0
 
 
