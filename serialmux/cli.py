@@ -148,7 +148,7 @@ def libvirt_hook(domain: str, operation: str, rest: tuple[str, ...], config_path
 def logs(vm: str, config_path: str, lines: int, follow: bool, since: str | None, boot: bool,
          timestamps: bool, as_json: bool, raw: bool) -> None:
     """Print a VM's scrollback, read from its ring file (daemon running or not)."""
-    from .logs import parse_since, print_logs
+    from .logs import logs_chunks, parse_since, print_logs
 
     if not check_name(vm):
         raise click.BadParameter("not a valid VM name", param_hint="VM")
@@ -165,8 +165,9 @@ def logs(vm: str, config_path: str, lines: int, follow: bool, since: str | None,
             raise click.BadParameter(str(exc), param_hint="--since") from None
     out = sys.stdout.buffer
     try:
-        print_logs(Path(path), out, lines=None if (since or boot) else lines, since=when,
-                   boot=boot, timestamps=timestamps, as_json=as_json, raw=raw, follow=follow)
+        print_logs(logs_chunks(Path(path), lines=None if (since or boot) else lines, since=when,
+                               boot=boot, timestamps=timestamps, as_json=as_json, raw=raw,
+                               follow=follow), out)
     except FileNotFoundError:
         click.echo(f"serialmux: no ring for {vm!r} at {path} (has the daemon run?)", err=True)
         sys.exit(1)

@@ -420,7 +420,7 @@ class _Steps:
     command was cancelled meanwhile), as soon as that step ends.
     """
 
-    def __init__(self, chunks: Generator[bytes, None, None]) -> None:
+    def __init__(self, chunks: Generator[bytes, None, object]) -> None:
         self._chunks = chunks
         self._step: concurrent.futures.Future[bytes | None] | None = None
         self._closed = False

@@ -1,14 +1,13 @@
 """The engine of ``serialmux logs VM``: choose where to start in a ring and print it.
 
-The work is resumable: :func:`tail_chunks` and :func:`follow_chunks` are
-generators that read the ring and hand out the rendered output in pieces of at
-most ``chunk`` bytes, doing only a bounded burst of file work per step, so the
-SSH ``logs`` command (commands.py) advances them one step at a time in a worker
-thread and waits for its client in the event loop, never in the thread.
-:func:`logs_chunks` joins the two, a follow carrying on the tail's line state.
-cli.py calls :func:`print_logs`, a loop over it writing to a file
-(:func:`write_logs` and :func:`follow_logs` are the two halves, each on its
-own). Records are read
+The work is resumable: :func:`logs_chunks` is a generator that reads the ring
+and hands out the rendered output (the scrollback, then with a follow what is
+appended) in pieces of at most ``chunk`` bytes, doing only a bounded burst of
+file work per step, so the SSH ``logs`` command (commands.py) advances it one
+step at a time in a worker thread and waits for its client in the event loop,
+never in the thread. cli.py writes it to stdout with :func:`print_logs`;
+:func:`write_logs` (the scrollback) and :func:`follow_logs` (from a cursor,
+over :func:`follow_chunks`) write either half on its own. Records are read
 through :class:`serialmux.ring.RingReader` and rendered in one of four formats:
 
 * default: guest output bytes as they came, each marker on a line of its own
@@ -42,7 +41,6 @@ __all__ = [
     "logs_chunks",
     "parse_since",
     "print_logs",
-    "tail_chunks",
     "write_logs",
 ]
 
@@ -266,29 +264,6 @@ def _emit(
     return after
 
 
-def tail_chunks(
-    ring_path: Path,
-    *,
-    lines: int | None = 200,
-    since: datetime | None = None,
-    boot: bool = False,
-    timestamps: bool = False,
-    as_json: bool = False,
-    raw: bool = False,
-    chunk: int = LOGS_CHUNK,
-) -> Generator[bytes, None, int]:
-    """A ring's scrollback in pieces of at most ``chunk`` bytes; return the next seq
-    (the cursor for follow).
-
-    ``lines`` keeps the last N lines of output (None: everything), ``since``
-    starts at a time, ``boot`` at the last boot marker; together, the latest
-    start wins. Raises RingError if the ring cannot be opened or read. The
-    ring's file is open from the first step until the generator ends or is closed.
-    """
-    render = _Renderer(_Buffer(chunk), timestamps=timestamps, as_json=as_json, raw=raw)
-    return (yield from _tail(render, Path(ring_path), lines, since, boot))
-
-
 def _tail(render: _Renderer, path: Path, lines: int | None, since: datetime | None,
           boot: bool) -> Generator[bytes, None, int]:
     with RingReader(path) as reader:
@@ -344,44 +319,39 @@ def logs_chunks(
     raw: bool = False,
     follow: bool = False,
     chunk: int = LOGS_CHUNK,
-) -> Generator[bytes, None, None]:
-    """:func:`tail_chunks`, then with ``follow`` :func:`follow_chunks` from where it ended.
+) -> Generator[bytes, None, int]:
+    """A ring's scrollback in pieces of at most ``chunk`` bytes, then with ``follow``
+    the records appended after it (:func:`follow_chunks`), without end.
 
-    Only a follow hands out empty pieces (caught up: wait before the next step).
-    The follow goes on with the tail's renderer: a line the tail left open (a
-    ``login:`` prompt) is carried on, not stamped again, and a marker after it
-    starts a line of its own.
+    ``lines`` keeps the last N lines of output (None: everything), ``since``
+    starts at a time, ``boot`` at the last boot marker; together, the latest
+    start wins. Without ``follow`` it returns the next seq (the cursor a follow
+    would start at). Only a follow hands out empty pieces (caught up: wait
+    before the next step). The follow goes on with the tail's renderer: a line
+    the tail left open (a ``login:`` prompt) is carried on, not stamped again,
+    and a marker after it starts a line of its own. Raises RingError if the
+    ring cannot be opened or read; the ring's file is open from the first step
+    until the generator ends or is closed.
     """
     render = _Renderer(_Buffer(chunk), timestamps=timestamps, as_json=as_json, raw=raw)
     path = Path(ring_path)
     cursor = yield from _tail(render, path, lines, since, boot)
     if follow:
         yield from _follow(render, path, cursor)
+    return cursor
 
 
-def print_logs(
-    ring_path: Path,
-    out: BinaryIO,
-    *,
-    lines: int | None = 200,
-    since: datetime | None = None,
-    boot: bool = False,
-    timestamps: bool = False,
-    as_json: bool = False,
-    raw: bool = False,
-    follow: bool = False,
-    stop: threading.Event | None = None,
-    poll_interval: float = POLL_INTERVAL,
-) -> None:
-    """Write :func:`logs_chunks`'s output to ``out`` (the local ``serialmux logs``).
+def print_logs(pieces: Generator[bytes, None, Any], out: BinaryIO, *,
+               stop: threading.Event | None = None,
+               poll_interval: float = POLL_INTERVAL) -> None:
+    """Write *pieces* (:func:`logs_chunks`) to ``out``, then close them (the local
+    ``serialmux logs``).
 
-    A follow flushes each time it has caught up and looks again every
-    ``poll_interval`` seconds until ``stop`` is set (or for ever).
+    A follow's output is flushed each time it has caught up, and looked at again
+    every ``poll_interval`` seconds until ``stop`` is set (or for ever).
     """
     stop = stop or threading.Event()
-    with contextlib.closing(logs_chunks(ring_path, lines=lines, since=since, boot=boot,
-                                        timestamps=timestamps, as_json=as_json, raw=raw,
-                                        follow=follow)) as pieces:
+    with contextlib.closing(pieces):
         for piece in pieces:
             if piece:
                 out.write(piece)
@@ -405,10 +375,10 @@ def write_logs(
 ) -> int:
     """Write a ring's scrollback to ``out``; return the next seq (the cursor for follow).
 
-    The options are :func:`tail_chunks`'s. Raises RingError if the ring cannot
+    The options are :func:`logs_chunks`'s. Raises RingError if the ring cannot
     be opened or read.
     """
-    with contextlib.closing(tail_chunks(ring_path, lines=lines, since=since, boot=boot,
+    with contextlib.closing(logs_chunks(ring_path, lines=lines, since=since, boot=boot,
                                         timestamps=timestamps, as_json=as_json,
                                         raw=raw)) as pieces:
         while True:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -19,7 +18,16 @@ import pytest
 
 from serialmux import commands
 from serialmux.ring import Record, RecordKind, RingReader, RingWriter, Skipped
-from tests.support import WAIT, Client, Gateway, PtyVM, RawSession, User, openssh_args
+from tests.support import (
+    WAIT,
+    Client,
+    Gateway,
+    PtyVM,
+    RawSession,
+    User,
+    open_files,
+    openssh_args,
+)
 
 SERIALMUX = [sys.executable, "-m", "serialmux"]
 
@@ -318,7 +326,6 @@ async def test_unreadable_ring_is_moved_aside_and_daemon_serves(
 async def test_full_disk_under_the_ring_does_not_stop_the_console(
         gw: Gateway, users: dict[str, User], vm: PtyVM) -> None:
     """When ring writes fail (disk full), the live console keeps working and it is audited."""
-    import os
 
     c = await gw.attach(users["alice"], "web-01+replay=0", subsystem="console")
     await gw.wait_audit("attach", user="alice")
@@ -412,15 +419,6 @@ def logs_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], No
     yield use
     for pool in pools:
         pool.shutdown(wait=False, cancel_futures=True)
-
-
-def open_files(path: Path) -> int:
-    """How many of this process's open files are *path* (the daemon's ring writer is one)."""
-    links = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the listing's own fd, closed by now
-            links.append(os.readlink(f"/proc/self/fd/{fd}"))
-    return links.count(os.path.realpath(path))
 
 
 async def wait_until(predicate: Callable[[], bool]) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import re
 import threading
 from datetime import UTC, datetime, timedelta
@@ -22,6 +20,7 @@ from serialmux.logs import (
     write_logs,
 )
 from serialmux.ring import RecordKind, RingWriter
+from tests.support import open_files
 
 SMALL = 64 << 10
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -295,15 +294,6 @@ def test_follow_carries_on_across_a_resize(ring: Path) -> None:
     w.close()
 
 
-def open_files(path: Path) -> int:
-    """How many of this process's open files are *path*."""
-    links = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the listing's own fd, closed by now
-            links.append(os.readlink(f"/proc/self/fd/{fd}"))
-    return links.count(os.path.realpath(path))
-
-
 @pytest.mark.parametrize("fmt", [{}, {"timestamps": True}, {"as_json": True}, {"raw": True}])
 def test_chunks_are_bounded_and_add_up_to_write_logs(ring: Path, fmt: dict[str, bool]) -> None:
     """logs_chunks hands out non-empty pieces of at most `chunk` bytes that together are
@@ -359,9 +349,9 @@ def follow_after_open_line(ring: Path, then: list[bytes | str], **kwargs: bool) 
     w.append(b"web-01 login: ")
     out = Watched(b"login: ")
     stop = threading.Event()
-    thread = threading.Thread(target=print_logs, args=(ring, out),
-                              kwargs={"follow": True, "stop": stop, "poll_interval": 0.01,
-                                      **kwargs})
+    thread = threading.Thread(target=print_logs,
+                              args=(logs_chunks(ring, follow=True, **kwargs), out),
+                              kwargs={"stop": stop, "poll_interval": 0.01})
     thread.start()
     try:
         assert out.seen.wait(timeout=30)  # the tail is out: what follows is the follow's
