@@ -54,9 +54,9 @@ commands (ssh -p PORT VM@HOST COMMAND):
 MAX_REASON = 200
 
 # ``logs`` reads rings in threads of its own, never the loop's default executor
-# (reload, BREAK and ring syncs run there). A thread only ever does one bounded
-# step of file work (logs.py: at most LOGS_CHUNK bytes of output, or one look
-# at the ring for a follow); waiting for the client to read, and a follow's
+# (reload, BREAK and ring syncs run there). A thread only ever does one step of
+# file work (logs.py: reading until it has LOGS_CHUNK bytes of output, or one
+# look at the ring for a follow); waiting for the client to read, and a follow's
 # poll interval, happen in the event loop, so no client holds a thread. The
 # caps bound what each command does hold meanwhile: an open ring file, up to
 # LOGS_CHUNK bytes of output, and for a follow a step every POLL_INTERVAL.

@@ -2,8 +2,9 @@
 
 The work is resumable: :func:`logs_chunks` is a generator that reads the ring
 and hands out the rendered output (the scrollback, then with a follow what is
-appended) in pieces of at most ``chunk`` bytes, doing only a bounded burst of
-file work per step, so the SSH ``logs`` command (commands.py) advances it one
+appended) in pieces of at most ``chunk`` bytes, each step reading only until it
+has a piece (or, the first, until it has found where to start: with ``--boot``
+or ``--since`` a search of the ring), so the SSH ``logs`` command (commands.py) advances it one
 step at a time in a worker thread and waits for its client in the event loop,
 never in the thread. cli.py writes it to stdout with :func:`print_logs`;
 :func:`write_logs` (the scrollback) and :func:`follow_logs` (from a cursor,

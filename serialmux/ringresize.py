@@ -6,8 +6,9 @@ It streams: memory stays at a few MiB whatever the ring's size (rings go up to
 1 GiB, and the daemon resizing one serves every VM on the host), where holding
 the kept records took twice their bytes and more.
 
-* A ring that grows by at least its own data area keeps everything: one walk
-  over the old ring, each record written as it is read (:func:`copy`).
+* A ring whose new room holds the old ring's whole data area (one that grows
+  by a few hundred bytes or more) keeps everything: one walk over the old
+  ring, each record written as it is read (:func:`copy`).
 * Otherwise :func:`measure` walks the old ring once, keeping only totals and a
   sample of the walk's position every MiB of records; the kept part is the
   newest records whose spans fit the room, so it starts at the first record
