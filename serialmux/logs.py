@@ -6,9 +6,8 @@ appended) in pieces of at most ``chunk`` bytes, each step reading only until it
 has a piece (or, the first, until it has found where to start: with ``--boot``
 or ``--since`` a search of the ring), so the SSH ``logs`` command (commands.py) advances it one
 step at a time in a worker thread and waits for its client in the event loop,
-never in the thread. cli.py writes it to stdout with :func:`print_logs`;
-:func:`write_logs` (the scrollback) and :func:`follow_logs` (from a cursor,
-over :func:`follow_chunks`) write either half on its own. Records are read
+never in the thread. cli.py writes it to stdout with :func:`print_logs`, which
+also writes :func:`follow_chunks` (a follow from a cursor alone). Records are read
 through :class:`serialmux.ring.RingReader` and rendered in one of four formats:
 
 * default: guest output bytes as they came, each marker on a line of its own
@@ -38,11 +37,9 @@ __all__ = [
     "LOGS_CHUNK",
     "POLL_INTERVAL",
     "follow_chunks",
-    "follow_logs",
     "logs_chunks",
     "parse_since",
     "print_logs",
-    "write_logs",
 ]
 
 #: Most bytes of output one step of the generators hands out.
@@ -344,80 +341,28 @@ def logs_chunks(
 
 def print_logs(pieces: Generator[bytes, None, Any], out: BinaryIO, *,
                stop: threading.Event | None = None,
-               poll_interval: float = POLL_INTERVAL) -> None:
-    """Write *pieces* (:func:`logs_chunks`) to ``out``, then close them (the local
-    ``serialmux logs``).
+               poll_interval: float = POLL_INTERVAL) -> Any:
+    """Write *pieces* (:func:`logs_chunks` or :func:`follow_chunks`) to ``out``, then
+    close them (the local ``serialmux logs``); return what they returned (the cursor
+    of a scrollback without follow; None once ``stop`` ended a follow).
 
     A follow's output is flushed each time it has caught up, and looked at again
     every ``poll_interval`` seconds until ``stop`` is set (or for ever).
     """
     stop = stop or threading.Event()
     with contextlib.closing(pieces):
-        for piece in pieces:
-            if piece:
-                out.write(piece)
-                continue
-            out.flush()
-            if stop.wait(poll_interval):
-                return
-    out.flush()
-
-
-def write_logs(
-    ring_path: Path,
-    out: BinaryIO,
-    *,
-    lines: int | None = 200,
-    since: datetime | None = None,
-    boot: bool = False,
-    timestamps: bool = False,
-    as_json: bool = False,
-    raw: bool = False,
-) -> int:
-    """Write a ring's scrollback to ``out``; return the next seq (the cursor for follow).
-
-    The options are :func:`logs_chunks`'s. Raises RingError if the ring cannot
-    be opened or read.
-    """
-    with contextlib.closing(logs_chunks(ring_path, lines=lines, since=since, boot=boot,
-                                        timestamps=timestamps, as_json=as_json,
-                                        raw=raw)) as pieces:
         while True:
             try:
-                out.write(next(pieces))
+                piece = next(pieces)
             except StopIteration as end:
-                cursor: int = end.value
-                break
-    out.flush()
-    return cursor
-
-
-def follow_logs(
-    ring_path: Path,
-    out: BinaryIO,
-    from_seq: int,
-    *,
-    timestamps: bool = False,
-    as_json: bool = False,
-    raw: bool = False,
-    stop: threading.Event | None = None,
-    poll_interval: float = POLL_INTERVAL,
-) -> None:
-    """Write records from ``from_seq`` on as the writer appends them, until ``stop`` is set.
-
-    Polls the file every ``poll_interval`` seconds; what it prints is
-    :func:`follow_chunks`'s.
-    """
-    stop = stop or threading.Event()
-    with contextlib.closing(follow_chunks(ring_path, from_seq, timestamps=timestamps,
-                                          as_json=as_json, raw=raw)) as pieces:
-        for piece in pieces:
+                out.flush()
+                return end.value
             if piece:
                 out.write(piece)
                 continue
             out.flush()
             if stop.wait(poll_interval):
-                return
+                return None
 
 
 class _Follower:

@@ -28,7 +28,7 @@ from structlog.testing import capture_logs
 
 from serialmux import commands
 from serialmux.access import Identity
-from serialmux.logs import write_logs
+from serialmux.logs import logs_chunks, print_logs
 from tests.support import (
     WAIT,
     Gateway,
@@ -65,7 +65,7 @@ def ring_text(gw: Gateway, vm: str) -> bytes:
     """The VM's scrollback as `serialmux logs` prints it (markers included)."""
     out = io.BytesIO()
     assert gw.daemon is not None
-    write_logs(gw.daemon.rings.path(vm), out, lines=None)
+    print_logs(logs_chunks(gw.daemon.rings.path(vm), lines=None), out)
     return out.getvalue()
 
 

@@ -8,16 +8,15 @@ import re
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from serialmux.logs import (
     follow_chunks,
-    follow_logs,
     logs_chunks,
     parse_since,
     print_logs,
-    write_logs,
 )
 from serialmux.ring import RecordKind, RingWriter
 from tests.support import open_files
@@ -35,9 +34,15 @@ def ring(tmp_path: Path) -> Path:
     return tmp_path / "vm1.ring"
 
 
+def write_logs(ring: Path, out: io.BytesIO, **kwargs: Any) -> int:
+    """The scrollback as `serialmux logs` prints it, to *out*; the cursor a follow starts at."""
+    cursor: int = print_logs(logs_chunks(ring, **kwargs), out)
+    return cursor
+
+
 def run(ring: Path, **kwargs: object) -> bytes:
     out = io.BytesIO()
-    write_logs(ring, out, **kwargs)  # type: ignore[arg-type]
+    write_logs(ring, out, **kwargs)
     return out.getvalue()
 
 
@@ -160,8 +165,9 @@ def test_timestamps_prefix_each_line(ring: Path) -> None:
     )
 
 
-def test_write_logs_returns_cursor(ring: Path) -> None:
-    """write_logs returns the seq after the last record, for follow to continue from."""
+def test_print_logs_returns_cursor(ring: Path) -> None:
+    """The scrollback without follow returns the seq after the last record, for a follow to
+    continue from."""
     w = RingWriter.open(ring, SMALL)
     w.append(b"x\n")
     w.append(b"y\n")
@@ -188,20 +194,13 @@ class Watched(io.BytesIO):
 
 
 def follow_in_thread(
-    ring: Path, out: Watched, cursor: int, **kw: object
+    ring: Path, out: Watched, cursor: int
 ) -> tuple[threading.Thread, threading.Event]:
     stop = threading.Event()
     thread = threading.Thread(
-        target=follow_logs,
-        args=(ring, out, cursor),
-        kwargs={
-            "timestamps": False,
-            "as_json": False,
-            "raw": False,
-            "stop": stop,
-            "poll_interval": 0.01,
-            **kw,
-        },
+        target=print_logs,
+        args=(follow_chunks(ring, cursor), out),
+        kwargs={"stop": stop, "poll_interval": 0.01},
     )
     thread.start()
     return thread, stop
